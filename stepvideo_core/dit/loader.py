@@ -1,0 +1,130 @@
+"""Finding, checking and loading Step-Video DiT checkpoints.
+
+Accepted inputs (the same code loads the released 30B files and tiny test files):
+
+* the official ``stepvideo-t2v/`` (or ``stepvideo-t2v-turbo/``) folder,
+* its ``transformer/`` subfolder: ``config.json`` + ``diffusion_pytorch_model-0000k-of-0000n.safetensors``
+  + ``diffusion_pytorch_model.safetensors.index.json``,
+* one ``.safetensors`` file, optionally with the ``model.diffusion_model.`` /
+  ``diffusion_model.`` / ``transformer.`` key prefixes other tools save with; its
+  config is then inferred from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .. import ops as default_ops
+from ..checkpoint import (SAFETENSORS_SUFFIXES, CheckpointError, PathLike, TensorIndex, load_weights, open_files,
+                          open_sharded)
+from .config import ConfigError, StepVideoDiTConfig
+from .model import StepVideoTransformer, build_transformer
+
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# config fields that the tensor shapes determine; config.json must agree with them
+_SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                 "patch_size", "caption_channels", "norm_elementwise_affine")
+
+
+def find_transformer_files(path: PathLike) -> tuple[TensorIndex, Optional[Path]]:
+    """Resolve ``path`` to (tensor index, config.json path or None).  See module docstring."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        config = path.parent / "config.json"
+        return open_files([path]), None if not config.is_file() else _config_if_matching(config, path)
+    if not path.is_dir():
+        raise CheckpointError(f"no such file or folder: {path}")
+    if (path / "transformer").is_dir():
+        return find_transformer_files(path / "transformer")
+    config = path / "config.json"
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        preferred = path / INDEX_NAME
+        index_json = preferred if preferred.is_file() else indexes[0]
+        return open_sharded(index_json), config if config.is_file() else None
+    singles = sorted(p for p in path.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES)
+    if len(singles) == 1:
+        return open_files(singles), config if config.is_file() else None
+    found = sorted(p.name for p in path.iterdir())[:8]
+    raise CheckpointError(
+        f"no Step-Video transformer in {path}: expected a 'transformer/' subfolder, or config.json with "
+        f"diffusion_pytorch_model-*.safetensors shards and {INDEX_NAME}, or a single .safetensors file; "
+        f"found {found}")
+
+
+def _config_if_matching(config: Path, weights: Path) -> Optional[Path]:
+    """A config.json next to a single file is used only when it is a DiT config (else ignored)."""
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return None
+    return config if data.get("_class_name") == "StepVideoModel" else None
+
+
+def infer_config(index: TensorIndex) -> StepVideoDiTConfig:
+    """DiT config implied by tensor shapes (for single files shipped without config.json)."""
+    shapes = index.shapes()
+    required = ("pos_embed.proj.weight", "adaln_single.linear.weight", "proj_out.weight",
+                "caption_projection.linear_1.weight", "transformer_blocks.0.attn1.q_norm.weight")
+    absent = [k for k in required if k not in shapes]
+    if absent:
+        raise CheckpointError(f"{index.source} is not a Step-Video DiT checkpoint: it lacks {absent[:3]}. "
+                              f"It looks like {index.describe()}.")
+    dim, in_channels, patch, _ = shapes["pos_embed.proj.weight"]
+    head_dim = shapes["transformer_blocks.0.attn1.q_norm.weight"][0]
+    layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+    caption = shapes["caption_projection.linear_1.weight"][1]
+    clip = shapes.get("clip_projection.weight")
+    try:
+        return StepVideoDiTConfig(
+            num_attention_heads=dim // head_dim, attention_head_dim=head_dim, in_channels=in_channels,
+            out_channels=shapes["proj_out.weight"][0] // (patch * patch), num_layers=layers, patch_size=patch,
+            norm_elementwise_affine="norm_out.weight" in shapes,
+            caption_channels=[caption, clip[1]] if clip else caption)
+    except ConfigError as exc:
+        raise CheckpointError(f"{index.source}: {exc}") from exc
+
+
+def read_config(config_path: Path, index: TensorIndex) -> StepVideoDiTConfig:
+    """config.json checked against the weights: a mismatch names each differing field."""
+    try:
+        data = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = StepVideoDiTConfig.from_dict(data, source=str(config_path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    inferred = infer_config(index)
+    diffs = [f"{f}: config.json says {getattr(config, f)!r}, the weights have {getattr(inferred, f)!r}"
+             for f in _SHAPE_FIELDS if getattr(config, f) != getattr(inferred, f)]
+    if diffs:
+        raise CheckpointError(f"{config_path} does not match the weights in {index.source} "
+                              f"(config and shards from different models?): " + "; ".join(diffs))
+    return config
+
+
+def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
+                     device: Union[str, torch.device] = "cpu", attention: str = "sdpa",
+                     operations=default_ops.plain) -> StepVideoTransformer:
+    """Load a Step-Video DiT from ``path`` (folder or file, see module docstring).
+
+    Returns the model in eval mode on ``device`` with weights in ``dtype``.
+    Raises CheckpointError (a ValueError) naming what is wrong before reading
+    any weight when the files do not fit.
+    """
+    index, config_path = find_transformer_files(path)
+    config = read_config(config_path, index) if config_path else infer_config(index)
+    model = build_transformer(config, device="meta", dtype=dtype, operations=operations)
+    load_weights(model, index, dtype=dtype, device=device,
+                 what=f"a Step-Video DiT with {config.num_layers} blocks of width {config.inner_dim}")
+    model.attention_backend = attention
+    return model
+
