@@ -1,0 +1,280 @@
+"""The one module of the pack that touches ComfyUI internals.
+
+Node code asks this module for model folders, progress bars, interrupt checks, devices
+and memory release. Inside ComfyUI each call goes to ComfyUI's own machinery
+(``folder_paths``, ``comfy.utils``, ``comfy.model_management``); in plain Python (tests,
+scripts) each degrades to a simple stand-in, so node code runs anywhere:
+
+- model folders come from ``STEPVIDEO_MODELS_DIR`` (one or more roots separated by
+  ``os.pathsep``, each holding ``diffusion_models/``, ``vae/``, ``text_encoders/``,
+  ``loras/``); inside ComfyUI those roots are searched after ComfyUI's own folders;
+- progress is logged instead of sent to the browser;
+- interrupts come from :func:`request_interrupt` (a flag tests can set);
+- the device is CUDA when available, else the CPU.
+
+ComfyUI modules are imported lazily and looked up through :func:`_comfy`, so tests can
+swap them for fakes with ``monkeypatch.setitem(comfy_bridge._MODULES, name, fake)``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..stepvideo_core.checkpoint import SAFETENSORS_SUFFIXES
+
+log = logging.getLogger("StepVideo")
+
+ENV_MODELS_DIR = "STEPVIDEO_MODELS_DIR"
+MODEL_KINDS = ("diffusion_models", "vae", "text_encoders", "loras")
+
+# For each folder kind, the subfolder that an official `stepvideo-t2v/` root keeps that
+# component in; such a root is listed as one entry of that kind.
+OFFICIAL_SUBFOLDER = {"diffusion_models": "transformer"}
+
+_MISSING = object()
+_MODULES: dict = {}
+
+
+def _comfy(name: str):
+    """Return the ComfyUI module `name` (e.g. "folder_paths"), or None outside ComfyUI.
+
+    Exists so every ComfyUI import of the pack goes through one cached, failure-tolerant
+    door. Only ImportError means "not inside ComfyUI"; any other error is a real bug and
+    propagates.
+    """
+    mod = _MODULES.get(name, _MISSING)
+    if mod is _MISSING:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            mod = None
+        _MODULES[name] = mod
+    return mod
+
+
+def in_comfyui() -> bool:
+    """Return True when ComfyUI's ``folder_paths`` is importable, i.e. we run inside ComfyUI."""
+    return _comfy("folder_paths") is not None
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def model_dirs(kind: str) -> list[Path]:
+    """Return the existing directories searched for models of `kind`, in priority order.
+
+    ComfyUI's configured folders come first (including extra_model_paths.yaml entries),
+    then ``$STEPVIDEO_MODELS_DIR/<kind>`` for each root in that variable.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model folder kind {kind!r}; expected one of {MODEL_KINDS}")
+    candidates: list[Path] = []
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        try:
+            candidates += [Path(p) for p in fp.get_folder_paths(kind)]
+        except KeyError:  # a ComfyUI too old to know this folder kind
+            pass
+    for root in os.environ.get(ENV_MODELS_DIR, "").split(os.pathsep):
+        if root.strip():
+            candidates.append(Path(root.strip()).expanduser() / kind)
+    seen, dirs = set(), []
+    for d in candidates:
+        key = os.path.realpath(d)
+        if key not in seen and d.is_dir():
+            seen.add(key)
+            dirs.append(d)
+    return dirs
+
+
+def is_sharded_folder(path: Path) -> bool:
+    """Return True if `path` is a model folder: ``config.json`` plus a ``*.safetensors.index.json``.
+
+    Such a folder (e.g. the official ``transformer/``) is one model, not many files.
+    """
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors.index.json"))
+
+
+def is_official_root(path: Path, kind: str) -> bool:
+    """Return True if `path` is an official release root holding the `kind` component.
+
+    For ``diffusion_models`` that is a folder (e.g. ``stepvideo-t2v/``) whose
+    ``transformer/`` subfolder is a sharded model folder.
+    """
+    sub = OFFICIAL_SUBFOLDER.get(kind)
+    return sub is not None and is_sharded_folder(path / sub)
+
+
+def _entries_under(base: Path, kind: str) -> list[str]:
+    """Return the model entries below `base` as ``/``-separated relative names.
+
+    Official roots and sharded folders count as one entry each and are not descended
+    into; elsewhere every weight file is its own entry.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        here = Path(dirpath)
+        if here != base and (is_official_root(here, kind) or is_sharded_folder(here)):
+            found.append(here.relative_to(base).as_posix())
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.lower().endswith(SAFETENSORS_SUFFIXES):
+                found.append((here / name).relative_to(base).as_posix())
+    return found
+
+
+def list_model_entries(kind: str) -> list[str]:
+    """Return the sorted, de-duplicated model entries of `kind` across all its folders.
+
+    This is what loader combos show. An entry is a single weight file
+    (``sub/model.safetensors``) or a model folder (``stepvideo-t2v``,
+    ``stepvideo-t2v/transformer``); resolve it with :func:`resolve_model_path`.
+    """
+    names = set()
+    for base in model_dirs(kind):
+        names.update(_entries_under(base, kind))
+    return sorted(names, key=str.lower)
+
+
+def resolve_model_path(kind: str, name: str) -> Path:
+    """Return the absolute path of entry `name` of `kind` (first folder that has it).
+
+    Raises FileNotFoundError naming every folder searched, so a user whose file is in the
+    wrong place sees where the pack looked. Names that climb out of a folder are refused.
+    """
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise FileNotFoundError(f"invalid {kind} entry name {name!r}")
+    dirs = model_dirs(kind)
+    for base in dirs:
+        candidate = base / rel
+        if candidate.exists():
+            return candidate.resolve()
+    where = ", ".join(str(d) for d in dirs) or (
+        f"no {kind} folder found (inside ComfyUI use models/{kind}; "
+        f"outside, set {ENV_MODELS_DIR} to a folder containing {kind}/)"
+    )
+    raise FileNotFoundError(f"StepVideo: {kind} entry {name!r} not found; searched: {where}")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class LogProgress:
+    """Progress stand-in used outside ComfyUI: same methods as ``comfy.utils.ProgressBar``.
+
+    Logs at most about ten lines per run, so long loops stay readable in a terminal.
+    """
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        self.current = 0
+        self._last_logged = -1
+
+    def update_absolute(self, value, total=None, preview=None):
+        """Set progress to `value` (of `total` if given); `preview` is ignored here."""
+        if total is not None:
+            self.total = max(int(total), 1)
+        self.current = min(int(value), self.total)
+        tenth = self.current * 10 // self.total
+        if tenth != self._last_logged:
+            self._last_logged = tenth
+            log.info("StepVideo progress %d/%d", self.current, self.total)
+
+    def update(self, value=1):
+        """Advance progress by `value` steps."""
+        self.update_absolute(self.current + value)
+
+
+def progress_bar(total: int):
+    """Return a progress object with ``update(n)`` and ``update_absolute(value, total, preview)``.
+
+    Inside ComfyUI it is ``comfy.utils.ProgressBar`` (browser progress, previews and, on
+    every update, an interrupt check); elsewhere a :class:`LogProgress`.
+    """
+    utils = _comfy("comfy.utils")
+    if utils is not None:
+        return utils.ProgressBar(total)
+    return LogProgress(total)
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+class StepVideoInterrupted(Exception):
+    """Raised by :func:`check_interrupt` outside ComfyUI after :func:`request_interrupt`."""
+
+
+_interrupt_flag = False
+
+
+def request_interrupt(value: bool = True) -> None:
+    """Set (or with False, clear) the stand-in interrupt flag used outside ComfyUI."""
+    global _interrupt_flag
+    _interrupt_flag = bool(value)
+
+
+def interrupt_requested() -> bool:
+    """Return True if the user asked to stop; polls only (core's ``should_stop`` callback)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return bool(mm.processing_interrupted())
+    return _interrupt_flag
+
+
+def check_interrupt() -> None:
+    """Raise if the user asked to stop: ComfyUI's own exception inside ComfyUI, else
+    :class:`StepVideoInterrupted` (the flag is cleared when it fires)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+        return
+    if _interrupt_flag:
+        request_interrupt(False)
+        raise StepVideoInterrupted("StepVideo: interrupted")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def torch_device() -> torch.device:
+    """Return the compute device: ComfyUI's choice (honours ``--cpu``), else CUDA if present."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return torch.device(mm.get_torch_device())
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    """Return where weights rest when not computing: ComfyUI's unet offload device, else CPU."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return torch.device(mm.unet_offload_device())
+    return torch.device("cpu")
+
+
+def free_memory(required_bytes: int | None = None, device: torch.device | None = None) -> None:
+    """Release accelerator memory before a big load.
+
+    Inside ComfyUI: evict ComfyUI-managed models (enough for `required_bytes` on `device`,
+    or all of them) and empty the cache. Elsewhere: collect garbage and empty the CUDA cache.
+    """
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        if required_bytes is None:
+            mm.unload_all_models()
+        else:
+            mm.free_memory(required_bytes, device or torch_device())
+        mm.soft_empty_cache()
+        return
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,64 @@
+"""Shared fixtures: import the pack the way ComfyUI does, and isolate it from any ComfyUI."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_MODULE = "stepvideo_pack_under_test"
+
+
+def import_pack(name: str = PACK_MODULE):
+    """Return the repository root imported as a package named `name`, as ComfyUI imports packs.
+
+    ComfyUI loads ``custom_nodes/<pack>/__init__.py`` through importlib with the folder as
+    the package search path, so relative imports inside the pack must work; this does the
+    same. The module is cached in sys.modules, so repeated calls return the same object.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The pack's root package, imported with no ComfyUI involved."""
+    return import_pack()
+
+
+@pytest.fixture
+def bridge(pack, monkeypatch):
+    """The pack's comfy_bridge with ComfyUI forced absent and STEPVIDEO_MODELS_DIR unset.
+
+    Tests stay deterministic even when a ComfyUI tree happens to be importable.
+    """
+    module = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
+    for name in ("folder_paths", "comfy.utils", "comfy.model_management"):
+        monkeypatch.setitem(module._MODULES, name, None)
+    monkeypatch.delenv(module.ENV_MODELS_DIR, raising=False)
+    monkeypatch.setattr(module, "_interrupt_flag", False)
+    return module
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch, bridge):
+    """A fresh models root (with the four kind folders) that the bridge searches."""
+    root = tmp_path / "models"
+    for kind in bridge.MODEL_KINDS:
+        (root / kind).mkdir(parents=True)
+    monkeypatch.setenv(bridge.ENV_MODELS_DIR, str(root))
+    return root
