@@ -1,0 +1,13 @@
+"""ComfyUI nodes of the StepVideo pack: one module per node family, merged here."""
+
+from . import model
+
+_FAMILIES = (model,)
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _family in _FAMILIES:
+    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,142 @@
+"""Model-family nodes: loading the Step-Video DiT into a STEPVIDEO_MODEL handle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..stepvideo_core import load_transformer
+from ..stepvideo_core.attention import BACKENDS, check_backend
+from . import comfy_bridge as bridge
+from .types import STEPVIDEO_MODEL, StepVideoModelHandle
+
+log = logging.getLogger("StepVideo")
+
+DIT_FOLDER = "diffusion_models"
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_ATTENTION = "sdpa"
+
+
+def resolve_weight_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """Return the torch dtype for a ``weight_dtype`` combo value.
+
+    "default" means bf16 on CUDA (what the official model runs in) and fp32 elsewhere,
+    because CPU bf16 matmuls are slow and less exact.
+    """
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"StepVideo: unknown weight_dtype {choice!r}; expected one of {list(WEIGHT_DTYPES)}")
+    dtype = WEIGHT_DTYPES[choice]
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return dtype
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """Return the files whose change means the checkpoint at `path` changed.
+
+    A single file is itself; a model folder contributes its JSON and weight files; an
+    official root contributes those of its ``transformer/`` subfolder.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if bridge.is_official_root(path, DIT_FOLDER):
+        path = path / bridge.OFFICIAL_SUBFOLDER[DIT_FOLDER]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+
+
+def format_count(n: int) -> str:
+    """Return a parameter count as a short human string: 30.1B, 4.2M, 1.5K, 12."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def summarize(handle: StepVideoModelHandle, name: str, seconds: float) -> str:
+    """Return the multi-line summary shown on the node and stored in the prompt's history."""
+    cfg = handle.config
+    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    dtype = str(handle.dtype).replace("torch.", "")
+    return "\n".join([
+        f"Step-Video DiT: {name}",
+        f"{cfg.num_layers} layers, width {heads * head_dim} ({heads} heads x {head_dim})",
+        f"{format_count(handle.transformer.num_parameters())} parameters, {dtype}",
+        f"weights on {handle.offload_device}, compute on {handle.device}, attention {handle.attention}",
+        f"loaded in {seconds:.1f} s",
+    ])
+
+
+class StepVideoModelLoader:
+    """Loads the Step-Video-T2V DiT (official folder or single .safetensors file)."""
+
+    CATEGORY = "StepVideo/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (STEPVIDEO_MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Step-Video DiT with its dtype, device and attention choice.",)
+    DESCRIPTION = (
+        "Loads the Step-Video-T2V transformer from models/diffusion_models: an official "
+        "stepvideo-t2v folder, its transformer/ subfolder, or one .safetensors file."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (bridge.list_model_entries(DIT_FOLDER), {
+                    "tooltip": "An official stepvideo-t2v folder (or its transformer/ subfolder) "
+                               "or a single .safetensors file under models/diffusion_models.",
+                }),
+                "weight_dtype": (list(WEIGHT_DTYPES), {
+                    "default": "default",
+                    "tooltip": "default = bf16 on CUDA, fp32 on CPU.",
+                }),
+                "attention": (list(BACKENDS), {
+                    "default": DEFAULT_ATTENTION,
+                    "tooltip": "sdpa runs everywhere; auto picks the fastest installed kernel "
+                               "(sageattention, flash_attn) that can run.",
+                }),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model, weight_dtype, attention):
+        """Return a fingerprint of the checkpoint's files (names, sizes, mtimes).
+
+        Re-saving the weights under the same name makes ComfyUI reload them. A missing
+        entry returns NaN, which never equals itself, so the node runs and reports it.
+        """
+        try:
+            files = checkpoint_files(bridge.resolve_model_path(DIT_FOLDER, model))
+            return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        except OSError:
+            return float("nan")
+
+    def load(self, model, weight_dtype, attention):
+        """Return the UI summary and a :class:`StepVideoModelHandle` for entry `model`."""
+        path = bridge.resolve_model_path(DIT_FOLDER, model)
+        device, offload = bridge.torch_device(), bridge.offload_device()
+        dtype = resolve_weight_dtype(weight_dtype, device)
+        check_backend(attention, device, dtype)
+
+        start = time.perf_counter()
+        transformer = load_transformer(path, dtype=dtype, device=offload)
+        transformer.requires_grad_(False).eval()
+        transformer.attention_backend = attention
+        seconds = time.perf_counter() - start
+
+        handle = StepVideoModelHandle(
+            transformer=transformer, dtype=dtype, device=device, offload_device=offload,
+            attention=attention, source=path,
+        )
+        summary = summarize(handle, model, seconds)
+        log.info(summary.replace("\n", "; "))
+        return {"ui": {"text": [summary]}, "result": (handle,)}
+
+
+NODE_CLASS_MAPPINGS = {"StepVideoModelLoader": StepVideoModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"StepVideoModelLoader": "StepVideo Model Loader"}
