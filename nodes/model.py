@@ -124,9 +124,7 @@ class StepVideoModelLoader:
         check_backend(attention, device, dtype)
 
         start = time.perf_counter()
-        transformer = load_transformer(path, dtype=dtype, device=offload)
-        transformer.requires_grad_(False).eval()
-        transformer.attention_backend = attention
+        transformer = load_transformer(path, dtype=dtype, device=offload, attention=attention)
         seconds = time.perf_counter() - start
 
         handle = StepVideoModelHandle(
