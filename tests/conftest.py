@@ -34,6 +34,27 @@ def import_pack(name: str = PACK_MODULE):
     return module
 
 
+class _RootIsNotATestPackage:
+    """Collect the repository root as a plain directory, not a test package.
+
+    The root is a ComfyUI pack, so it has an ``__init__.py``. pytest would then import that
+    file under a name taken from the checkout's folder name, which fails when the folder
+    name is not a Python identifier (``tmp.abc123``) and otherwise imports the pack as a
+    side effect. Registered as a global plugin because conftest hooks do not apply to the
+    root folder itself.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == parent.config.rootpath:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RootIsNotATestPackage(), "stepvideo-root-is-not-a-test-package")
+
+
 @pytest.fixture(scope="session")
 def pack():
     """The pack's root package, imported with no ComfyUI involved."""
