@@ -15,22 +15,9 @@ from torch import nn
 
 from .. import ops as default_ops
 from ..attention import attention
+from ..layers import RMSNorm
 from .config import BLOCK_NORM_EPS, QK_NORM_EPS
 from .rope import apply_rope
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the last axis: statistics in fp32, cast back, then x weight (in x's dtype)."""
-
-    def __init__(self, dim: int, eps: float = QK_NORM_EPS, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
 
 
 class SelfAttention(nn.Module):
@@ -45,8 +32,8 @@ class SelfAttention(nn.Module):
         self.n_heads = dim // head_dim
         self.wqkv = operations.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
         self.wo = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
-        self.q_norm = RMSNorm(head_dim, device=device, dtype=dtype)
-        self.k_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple, backend: str = "sdpa") -> torch.Tensor:
         """x [B, L, D] -> [B, L, D]; no mask (every video token sees every other)."""
@@ -70,8 +57,8 @@ class CrossAttention(nn.Module):
         self.wq = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
         self.wkv = operations.Linear(dim, 2 * dim, bias=False, device=device, dtype=dtype)
         self.wo = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
-        self.q_norm = RMSNorm(head_dim, device=device, dtype=dtype)
-        self.k_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: Optional[torch.Tensor],
                 backend: str = "sdpa") -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""Small weight-light layers shared by several models (norms stay in the compute dtype)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis as StepFun computes it: statistics in fp32, the
+    normalised value cast back to the input dtype, then multiplied by ``weight``
+    in that dtype (the order matters for bf16 bit-parity)."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
