@@ -1,8 +1,8 @@
 """ComfyUI nodes of the StepVideo pack: one module per node family, merged here."""
 
-from . import model
+from . import model, vae
 
-_FAMILIES = (model,)
+_FAMILIES = (model, vae)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
