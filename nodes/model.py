@@ -65,8 +65,8 @@ def summarize(handle: StepVideoModelHandle, name: str, seconds: float) -> str:
         f"Step-Video DiT: {name}",
         f"{cfg.num_layers} layers, width {heads * head_dim} ({heads} heads x {head_dim})",
         f"{format_count(handle.transformer.num_parameters())} parameters, {dtype}",
-        f"weights on {handle.offload_device}, compute on {handle.device}, attention {handle.attention}",
-        f"loaded in {seconds:.1f} s",
+        f"weights on {handle.offload_device}, compute on {handle.device}",
+        f"attention {handle.attention}, loaded in {seconds:.1f} s",
     ])
 
 

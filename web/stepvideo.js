@@ -3,6 +3,8 @@
 import { app } from "../../scripts/app.js";
 import { LOADER_NODE_ID, SUMMARY_WIDGET, findWidget, rowsFor, summaryText } from "./lib/summary.js";
 
+const LINE_PX = 15;
+
 // Creates the read-only summary widget, preferring a DOM textarea (multi-line, selectable
 // text) and falling back to a plain litegraph text widget on frontends without DOM widgets.
 function createSummaryWidget(node) {
@@ -10,10 +12,12 @@ function createSummaryWidget(node) {
     const box = document.createElement("textarea");
     box.readOnly = true;
     box.spellcheck = false;
-    box.style.cssText = "width:100%;resize:none;opacity:0.75;font:11px monospace;";
+    box.style.cssText = `width:100%;resize:none;opacity:0.75;font:11px/${LINE_PX}px monospace;`;
     const widget = node.addDOMWidget(SUMMARY_WIDGET, "stepvideo_summary", box, {
       getValue: () => box.value,
-      setValue: (v) => { box.value = v ?? ""; box.rows = rowsFor(box.value); },
+      setValue: (v) => { box.value = v ?? ""; },
+      // the node layout asks for this; one row per summary line, plus the box's padding
+      getMinHeight: () => rowsFor(box.value) * LINE_PX + 12,
       serialize: false,
     });
     widget.serialize = false;
