@@ -5,9 +5,9 @@ attention see only their tile: tiled output is an approximation.  Measured on th
 official fixture (latents 2x3, fixture weights) with tile 2, overlap 1 (only the width
 is split, into two tiles sharing one latent column): max relative error 0.79, mean
 relative error 0.63 against the untiled decode -- tiny random-weight nets depend on
-those global statistics a lot.  On 12x12 random latents with the same weights: tile 8 /
-overlap 4 gives 0.16 max-relative; 24x24 with tile 16 / overlap 8 gives 0.13
-(mean 0.076).  The bounds below pin these numbers so regressions show.
+those global statistics a lot.  On 6x12 random latents with the same weights: tile 8 /
+overlap 4 gives 0.17 max-relative (mean 0.15); on 24x24 (not run here, slow) tile 16 /
+overlap 8 gives 0.13 (mean 0.076).  The bounds below pin these numbers so regressions show.
 """
 
 import pytest
@@ -64,9 +64,9 @@ def test_tiled_error_on_the_fixture(fixture_vae, vae_fixture):
 
 
 def test_tiled_error_with_larger_tiles(fixture_vae):
-    latents = torch.randn(1, 3, 8, 12, 12, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 3, 8, 6, 12, generator=torch.Generator().manual_seed(0))
     untiled = fixture_vae.decode(latents, clamp=False)
-    assert rel_err(fixture_vae.decode(latents, clamp=False, tile=8, overlap=4), untiled) <= 0.2  # measured 0.16
+    assert rel_err(fixture_vae.decode(latents, clamp=False, tile=8, overlap=4), untiled) <= 0.2  # measured 0.17
 
 
 def test_bad_tiling_arguments(tiny_vae):
