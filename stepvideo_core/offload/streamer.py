@@ -1,0 +1,259 @@
+"""Block streaming ("block swap"): run the DiT on a device too small to hold it.
+
+:class:`BlockStreamer` is a context manager around a sampling run.  On entry it
+copies the non-block weights and the first ``blocks_on_device`` transformer
+blocks to the compute device and allocates the device slots of the streamed
+blocks; while the model runs it executes the schedule of
+:mod:`stepvideo_core.offload.schedule` from forward hooks on each block (the
+model code is untouched); on exit -- normal, error or interrupt -- every tensor
+points at its home (host) copy again and the device copies are dropped.
+
+Transports (``mode``):
+
+``"cuda"``  host copies of streamed blocks are pinned once (kept pinned on the
+            model, so repeated runs allocate no new host memory), copies run
+            on a separate CUDA stream, ordered by events: a slot is refilled
+            only after the block that used it finished, a block computes only
+            after its copy landed.
+``"copy"``  the same slots, filled by ordinary synchronous copies (any device;
+            used on CPU by the tests to exercise the slot logic for real).
+``"none"``  compute device == home device: the schedule runs, nothing is copied.
+``"auto"``  "cuda" on CUDA devices, "none" when the weights already live on the
+            compute device, "copy" otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .schedule import Action, initial_state, plan_pass, split_blocks
+
+log = logging.getLogger("StepVideo")
+
+
+class SamplingInterrupted(Exception):
+    """``should_stop()`` answered True; raised between blocks or steps after weights are back home."""
+
+
+def _tensor_slots(module: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """(owner, name, is_parameter) of every parameter and buffer of ``module``, in a stable order."""
+    out = []
+    for owner in module.modules():
+        out += [(owner, name, True) for name, p in owner._parameters.items() if p is not None]
+        out += [(owner, name, False) for name, b in owner._buffers.items() if b is not None]
+    return out
+
+
+def _get(owner: nn.Module, name: str, is_param: bool) -> torch.Tensor:
+    return owner._parameters[name].data if is_param else owner._buffers[name]
+
+
+def _set(owner: nn.Module, name: str, is_param: bool, tensor: torch.Tensor) -> None:
+    """Point parameter/buffer ``name`` at ``tensor`` (parameters keep their identity)."""
+    if is_param:
+        owner._parameters[name].data = tensor
+    else:
+        owner._buffers[name] = tensor
+
+
+def resolve_mode(mode: str, device: torch.device, home: torch.device) -> str:
+    """The transport actually used for ``mode`` (see module docstring)."""
+    if mode not in ("auto", "cuda", "copy", "none"):
+        raise ValueError(f"unknown streaming mode {mode!r}; expected auto, cuda, copy or none")
+    if mode != "auto":
+        return mode
+    if device == home:
+        return "none"
+    return "cuda" if device.type == "cuda" else "copy"
+
+
+class BlockStreamer:
+    """Context manager placing ``model``'s weights on ``device`` for one run (see module docstring).
+
+    ``blocks_on_device`` None keeps every block on the device.  ``should_stop`` is
+    polled before every block; True raises :class:`SamplingInterrupted`.
+    ``trace`` records the executed actions (for tests and diagnostics).
+    """
+
+    def __init__(self, model: nn.Module, device: Union[str, torch.device],
+                 blocks_on_device: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 mode: str = "auto"):
+        self.model = model
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.blocks = list(model.transformer_blocks)
+        self.blocks_on_device = blocks_on_device
+        self.resident, self.streamed = split_blocks(len(self.blocks), blocks_on_device)
+        self.should_stop = should_stop or (lambda: False)
+        home = next(model.parameters()).device
+        self.mode = resolve_mode(mode, self.device, home)
+        self.trace: list[Action] = []
+        self._homes: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+        self._hooks: list = []
+        self._slots: list[list[torch.Tensor]] = []
+        self._layout: list[tuple[str, bool]] = []
+        self._pending: list[Action] = []
+        self._swapped: dict[int, list[torch.Tensor]] = {}
+        self._state: tuple = initial_state(len(self.blocks), blocks_on_device)
+        self._copy_stream = None
+        self._ready: list = []
+        self._done: list = []
+
+    # -- set-up / tear-down ----------------------------------------------------------
+    def __enter__(self) -> "BlockStreamer":
+        try:
+            self._place_resident()
+            if self.streamed:
+                self._prepare_streamed()
+            self._install_hooks()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _place_resident(self) -> None:
+        """Copy everything except the streamed blocks to the device, remembering each home tensor."""
+        skip = {id(m) for b in self.streamed for m in self.blocks[b].modules()}
+        for owner, name, is_param in _tensor_slots(self.model):
+            if id(owner) in skip:
+                continue
+            home = _get(owner, name, is_param)
+            if home.device != self.device:
+                self._homes.append((owner, name, is_param, home))
+                _set(owner, name, is_param, home.to(self.device))
+
+    def _prepare_streamed(self) -> None:
+        """Pin the streamed blocks' host copies (CUDA, once per model) and allocate the device slots."""
+        layout = None
+        for b in self.streamed:
+            entries = _tensor_slots(self.blocks[b])
+            shape = [(n, p, tuple(_get(o, n, p).shape), _get(o, n, p).dtype) for o, n, p in entries]
+            if layout is None:
+                layout = shape
+            elif shape != layout:
+                raise ValueError(f"block {b} does not have the same tensors as block {self.streamed[0]}; "
+                                 f"streamed blocks must share one layout")
+            if self.mode == "cuda":
+                for owner, name, is_param in entries:
+                    tensor = _get(owner, name, is_param)
+                    if tensor.device.type == "cpu" and not tensor.is_pinned():
+                        try:
+                            _set(owner, name, is_param, tensor.pin_memory())
+                        except RuntimeError as exc:  # pinned memory exhausted: copies stay correct, just slower
+                            log.warning("StepVideo: could not pin block %d weights (%s); streaming from pageable memory",
+                                        b, exc)
+        self._layout = [(n, p) for n, p, _, _ in layout]
+        if self.mode == "none":
+            return
+        slots = len(self._state)
+        self._slots = [[torch.empty(shape, dtype=dtype, device=self.device) for _, _, shape, dtype in layout]
+                       for _ in range(slots)]
+        if self.mode == "cuda":
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+            self._ready = [torch.cuda.Event() for _ in range(slots)]
+            self._done = [torch.cuda.Event() for _ in range(slots)]
+            for event in self._done:  # slots start free
+                event.record(torch.cuda.current_stream(self.device))
+
+    def _restore(self) -> None:
+        """Every tensor back at its home, hooks removed, device slots dropped (safe to call twice)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # no copy may still write into a slot being freed
+            torch.cuda.current_stream(self.device).synchronize()
+        for b in self.streamed:
+            self._swap_out(b)
+        for owner, name, is_param, home in reversed(self._homes):
+            _set(owner, name, is_param, home)
+        self._homes = []
+        self._slots, self._ready, self._done, self._pending = [], [], [], []
+        self._copy_stream = None
+        self._state = initial_state(len(self.blocks), self.blocks_on_device)
+
+    # -- the schedule, driven by forward hooks -----------------------------------------
+    def _install_hooks(self) -> None:
+        self._hooks.append(self.model.register_forward_pre_hook(self._on_model_start))
+        for index, block in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(index)))
+            if index in self.streamed:
+                self._hooks.append(block.register_forward_hook(self._make_post_hook(index)))
+
+    def _on_model_start(self, module, args) -> None:
+        if self._pending:
+            raise RuntimeError(f"previous model call did not finish its block schedule: {self._pending[:3]}")
+        self._pending, self._state = plan_pass(len(self.blocks), self.blocks_on_device, self._state)
+
+    def _make_pre_hook(self, index: int):
+        def hook(module, args):
+            if self.should_stop():
+                raise SamplingInterrupted(f"interrupted before transformer block {index}")
+            while self._pending:
+                action = self._pending.pop(0)
+                self.trace.append(action)
+                if action.kind == "fetch":
+                    self._fetch(action.block, action.slot)
+                    continue
+                if action.block != index:
+                    raise RuntimeError(f"block {index} ran but the schedule expected block {action.block}")
+                if action.slot is not None:
+                    self._swap_in(index, action.slot)
+                return None
+            raise RuntimeError(f"block {index} ran outside a model call's schedule")
+        return hook
+
+    def _make_post_hook(self, index: int):
+        def hook(module, args, output):
+            slot = self._slot_of(index)
+            if self.mode == "cuda":
+                self._done[slot].record(torch.cuda.current_stream(self.device))
+            self._swap_out(index)
+            return None
+        return hook
+
+    def _slot_of(self, block: int) -> int:
+        return self._state.index(block)
+
+    def _fetch(self, block: int, slot: int) -> None:
+        """Start copying ``block``'s host tensors into ``slot`` (after the slot's previous user finished)."""
+        if self.mode == "none":
+            return
+        sources = [_get(o, n, p) for o, n, p in _tensor_slots(self.blocks[block])]
+        targets = self._slots[slot]
+        if self.mode == "cuda":
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(self._done[slot])
+                for dst, src in zip(targets, sources):
+                    dst.copy_(src, non_blocking=True)
+                self._ready[slot].record(self._copy_stream)
+        else:
+            for dst, src in zip(targets, sources):
+                dst.copy_(src)
+
+    def _swap_in(self, block: int, slot: int) -> None:
+        """Point ``block``'s tensors at ``slot`` (waiting for its copy on CUDA)."""
+        if self.mode == "none":
+            return
+        if self.mode == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+        entries = _tensor_slots(self.blocks[block])
+        self._swapped[block] = [_get(o, n, p) for o, n, p in entries]
+        for (owner, name, is_param), tensor in zip(entries, self._slots[slot]):
+            _set(owner, name, is_param, tensor)
+
+    def _swap_out(self, block: int) -> None:
+        """Point ``block``'s tensors back at their host copies (no-op if not swapped in)."""
+        homes = self._swapped.pop(block, None)
+        if homes is None:
+            return
+        for (owner, name, is_param), tensor in zip(_tensor_slots(self.blocks[block]), homes):
+            _set(owner, name, is_param, tensor)

@@ -1,0 +1,146 @@
+"""The Step-Video-T2V denoising loop (flow matching, Euler, classifier-free guidance).
+
+What the official ``StepVideoPipeline.__call__`` does, step for step, minus the
+remote servers: the conditioning and the attention mask are cast to the
+transformer's compute dtype, the latents are cast to it for every model call,
+the timestep is cast to the latents' dtype (bf16: the model multiplies it by
+1000 in bf16), the two guidance branches are combined in the model's output
+dtype and the Euler step runs in fp32.
+
+It reports progress and checks for cancellation only through the callbacks it
+is given (``on_step(i, n, latents)``, ``should_stop()``); it never imports ComfyUI.
+Weight placement (all on the device, or block streaming) is delegated to
+:class:`~stepvideo_core.offload.streamer.BlockStreamer`, which also checks
+``should_stop`` between blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+
+from ..offload.streamer import BlockStreamer, SamplingInterrupted
+from .noise import initial_noise, latent_shape
+from .schedule import euler_step, flow_match_sigmas, guidance
+
+log = logging.getLogger("StepVideo")
+
+CONDITIONING_KEYS = ("encoder_hidden_states", "encoder_hidden_states_2", "encoder_attention_mask")
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def _check_conditioning(cond: Mapping, name: str) -> None:
+    """Raise ValueError unless ``cond`` has the tensors the DiT takes, with consistent batch sizes."""
+    if not isinstance(cond, Mapping) or "encoder_hidden_states" not in cond:
+        raise ValueError(f"{name} conditioning must be a dict with keys {list(CONDITIONING_KEYS)} "
+                         f"(a STEPVIDEO_CONDITIONING from StepVideoTextEncode), got {type(cond).__name__}")
+    states = cond["encoder_hidden_states"]
+    if states.ndim != 3:
+        raise ValueError(f"{name} encoder_hidden_states must be [B, tokens, width], got {list(states.shape)}")
+    for key in CONDITIONING_KEYS[1:]:
+        value = cond.get(key)
+        if value is not None and value.shape[0] != states.shape[0]:
+            raise ValueError(f"{name} {key} has batch {value.shape[0]}, encoder_hidden_states has {states.shape[0]}")
+
+
+def _prepared(cond: Mapping, batch: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The three DiT inputs of ``cond`` in the compute dtype on ``device``, repeated to ``batch`` rows.
+
+    The mask is cast to the compute dtype as the official pipeline does (the model
+    sums it in the dtype it is given, reference §2.5).
+    """
+    out = {}
+    for key in CONDITIONING_KEYS:
+        value = cond.get(key)
+        if value is None:
+            out[key] = None
+            continue
+        if value.shape[0] != batch:
+            if value.shape[0] != 1:
+                raise ValueError(f"conditioning {key} has batch {value.shape[0]}, cannot match batch {batch}")
+            value = value.expand(batch, *value.shape[1:])
+        out[key] = value.to(device=device, dtype=dtype)
+    return out
+
+
+def _concat(a: dict, b: dict) -> Optional[dict]:
+    """[a; b] along the batch axis, or None when the two cannot share one call (different lengths)."""
+    out = {}
+    for key in CONDITIONING_KEYS:
+        if (a[key] is None) != (b[key] is None):
+            return None
+        if a[key] is None:
+            out[key] = None
+        elif a[key].shape[1:] != b[key].shape[1:]:
+            return None
+        else:
+            out[key] = torch.cat([a[key], b[key]])
+    return out
+
+
+def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping] = None, *,
+           width: int, height: int, frames: int, steps: int, cfg: float, shift: float, seed: int = 0,
+           device: Union[str, torch.device, None] = None, blocks_on_device: Optional[int] = None,
+           batch_cfg: bool = True, noise: Optional[torch.Tensor] = None,
+           on_step: Optional[StepCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
+           streamer_mode: str = "auto") -> torch.Tensor:
+    """Generate latents: returns fp32 ``[B, frames/17*3, 64, height/16, width/16]`` on the CPU.
+
+    * ``positive`` / ``negative``: dicts with ``encoder_hidden_states`` [B, S, 6144],
+      ``encoder_hidden_states_2`` [B, 77, 1024] and ``encoder_attention_mask`` [B, 77+S].
+      Guidance runs when ``cfg > 1`` (as the official pipeline); it then needs ``negative``.
+    * ``batch_cfg``: both branches in one batch-2 call (official, bit-faithful) or in two
+      batch-1 calls (half the activation memory; results differ by float rounding only).
+    * ``seed`` draws bf16 noise on the CPU (same video on every machine); ``noise``
+      replaces it when given.
+    * ``device``: where the DiT computes (default: where its weights are);
+      ``blocks_on_device``: how many transformer blocks stay there, the others are
+      streamed in per call (None = all of them).
+    * ``on_step(i, n, latents)`` after each step, i = completed steps (1..n), latents fp32
+      [B, F, C, h, w]; ``should_stop()`` is polled before every step and every block, and
+      a True answer raises :class:`SamplingInterrupted` after every weight is back home.
+    """
+    _check_conditioning(positive, "positive")
+    guided = cfg > 1.0
+    if guided:
+        if negative is None:
+            raise ValueError(f"cfg {cfg} > 1 needs negative conditioning (or set cfg to 1 to sample without guidance)")
+        _check_conditioning(negative, "negative")
+    should_stop = should_stop or (lambda: False)
+    dtype = model.compute_dtype
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    batch = positive["encoder_hidden_states"].shape[0]
+    shape = latent_shape(width, height, frames, batch, model.config.in_channels)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {list(shape)} for {width}x{height}x{frames}, got {list(noise.shape)}")
+
+    sigmas = flow_match_sigmas(steps, shift, device=device)
+    latents = (noise if noise is not None else initial_noise(shape, seed)).to(device)
+    pos = _prepared(positive, batch, dtype, device)
+    neg = _prepared(negative, batch, dtype, device) if guided else None
+    both = _concat(pos, neg) if guided and batch_cfg else None
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        timestep = sigma.expand(x.shape[0]).to(x.dtype)
+        return model(hidden_states=x, timestep=timestep, **cond)
+
+    with torch.inference_mode(), BlockStreamer(model, device, blocks_on_device, should_stop=should_stop,
+                                               mode=streamer_mode):
+        for i in range(steps):
+            if should_stop():
+                raise SamplingInterrupted(f"interrupted before step {i + 1}/{steps}")
+            x = latents.to(dtype)
+            sigma = sigmas[i]
+            if not guided:
+                v = velocity(x, sigma, pos)
+            elif both is not None:
+                v_cond, v_uncond = velocity(torch.cat([x, x]), sigma, both).chunk(2)
+                v = guidance(v_cond, v_uncond, cfg)
+            else:
+                v = guidance(velocity(x, sigma, pos), velocity(x, sigma, neg), cfg)
+            latents = euler_step(latents, v, sigmas, i)
+            if on_step is not None:
+                on_step(i + 1, steps, latents)
+    return latents.float().cpu()
