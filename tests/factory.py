@@ -13,6 +13,9 @@ from safetensors.torch import save_file
 
 from stepvideo_core.tiny import (DIT_WEIGHTS, TINY_DIT_CONFIG, dit_config_json, random_state_dict,  # noqa: F401
                                  tiny_dit_state_dict, write_dit_checkpoint, write_sharded, write_tiny_dit)
+from stepvideo_core.tiny import (TINY_CLIP_CONFIG, TINY_LLM_CONFIG, TINY_TEXT_CORPUS, step_llm_config_json,  # noqa: F401
+                                 tiny_clip_vocab, tiny_step_llm_state_dict, train_tiny_step_tokenizer,
+                                 write_tiny_hunyuan_clip, write_tiny_step_llm, write_tiny_text_encoders)
 from stepvideo_core.vae import build_vae
 from stepvideo_core.vae.loader import to_disk_name
 
