@@ -1,8 +1,8 @@
 """ComfyUI nodes of the StepVideo pack: one module per node family, merged here."""
 
-from . import model, vae
+from . import model, text, vae
 
-_FAMILIES = (model, vae)
+_FAMILIES = (model, text, vae)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

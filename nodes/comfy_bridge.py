@@ -278,3 +278,22 @@ def free_memory(required_bytes: int | None = None, device: torch.device | None =
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def free_vram(device: torch.device | None = None) -> int | None:
+    """Return the free memory of `device` in bytes, or None when it is not an accelerator.
+
+    Inside ComfyUI this is ``comfy.model_management.get_free_memory`` (which counts memory
+    PyTorch has cached but not used as free); elsewhere the CUDA driver's figure plus that
+    cached-but-unused memory. Used by memory plans such as the text encoder's.
+    """
+    device = torch.device(device) if device is not None else torch_device()
+    if device.type == "cpu":
+        return None
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return int(mm.get_free_memory(device))
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return None

@@ -34,3 +34,31 @@ class StepVideoModelHandle:
         """Return the transformer's ``StepVideoDiTConfig``."""
         return self.transformer.config
 
+
+
+STEPVIDEO_TEXT_ENCODER = "STEPVIDEO_TEXT_ENCODER"
+STEPVIDEO_CONDITIONING = "STEPVIDEO_CONDITIONING"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepVideoConditioning:
+    """What a ``STEPVIDEO_CONDITIONING`` socket carries: exactly the DiT's text inputs, plus the prompt.
+
+    Tensors rest on the CPU (the sampler moves them): `encoder_hidden_states` [B, 320, 6144]
+    (Step-LLM, bf16 for the release), `encoder_hidden_states_2` [B, 77, 1024] (HunyuanCLIP,
+    same dtype), `encoder_attention_mask` [B, 397] int64 (77 ones, then the Step-LLM mask).
+    `prompt` is the text as encoded (with the magic suffix when added); `notes` are the
+    warnings shown on the node (e.g. truncation).
+    """
+
+    encoder_hidden_states: torch.Tensor
+    encoder_hidden_states_2: torch.Tensor
+    encoder_attention_mask: torch.Tensor
+    prompt: str
+    notes: tuple = ()
+
+    def dit_inputs(self) -> dict:
+        """Return the three tensors as keyword arguments of the DiT's forward."""
+        return {"encoder_hidden_states": self.encoder_hidden_states,
+                "encoder_hidden_states_2": self.encoder_hidden_states_2,
+                "encoder_attention_mask": self.encoder_attention_mask}
