@@ -205,12 +205,16 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_weights(module: nn.Module, index: TensorIndex, *, dtype: Optional[torch.dtype],
                  device: Union[str, torch.device] = "cpu", what: str = "the model",
-                 rename: Optional[Callable[[str], str]] = None) -> nn.Module:
+                 rename: Optional[Callable[[str], str]] = None,
+                 take: Optional[Callable[[str, torch.Tensor], bool]] = None) -> nn.Module:
     """Strictly check, then stream every tensor of ``index`` into ``module``; returns ``module``.
 
     ``module`` is usually built on the meta device.  Floating tensors are cast
     to ``dtype`` (None keeps the file's dtype) on ``device`` one at a time.
     ``rename`` maps checkpoint names to module names (e.g. the VAE's on-disk quirk).
+    ``take(name, tensor)`` sees each tensor first, as read from the file (CPU, file
+    dtype); when it returns True it has stored the tensor itself (how fp8 layers
+    quantise weights as they load) and the default cast-and-assign is skipped.
     """
     rename = rename or (lambda k: k)
     expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
@@ -224,6 +228,9 @@ def load_weights(module: nn.Module, index: TensorIndex, *, dtype: Optional[torch
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name, entry in items:
                 tensor = handle.get_tensor(entry.stored_name)
+                if take is not None and take(name, tensor):
+                    del tensor
+                    continue
                 target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 _assign(module, name, tensor.to(device=device, dtype=target))
                 del tensor

@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 import torch
 
+from .. import fp8
 from .. import ops as default_ops
 from ..checkpoint import (SAFETENSORS_SUFFIXES, CheckpointError, PathLike, TensorIndex, load_weights, open_files,
                           open_sharded)
@@ -26,6 +27,11 @@ from .config import ConfigError, StepVideoDiTConfig
 from .model import StepVideoTransformer, build_transformer
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# How block weights are stored once loaded: "full" = the compute dtype; "fp8_scaled" = float8_e4m3fn
+# with per-output-channel scales (see stepvideo_core.fp8); "auto" = fp8_scaled for pre-quantised files.
+WEIGHT_FORMATS = ("auto", "full", "fp8_scaled")
+# Layers stored in fp8 when a full-precision checkpoint is quantised at load: the blocks' Linears.
+FP8_PREFIX = "transformer_blocks."
 # config fields that the tensor shapes determine; config.json must agree with them
 _SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
                  "patch_size", "caption_channels", "norm_elementwise_affine")
@@ -111,20 +117,55 @@ def read_config(config_path: Path, index: TensorIndex) -> StepVideoDiTConfig:
     return config
 
 
+def detect_weight_format(index: TensorIndex) -> str:
+    """"fp8_scaled" when the checkpoint holds fp8 weights (a pre-quantised file), else "full"."""
+    return "fp8_scaled" if fp8.is_scaled_fp8_file({k: e.dtype for k, e in index.items()}) else "full"
+
+
+def resolve_weight_format(weight_format: str, index: TensorIndex) -> str:
+    """The concrete format ("full" or "fp8_scaled") that ``weight_format`` means for this checkpoint."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight_format {weight_format!r}; expected one of {WEIGHT_FORMATS}")
+    return detect_weight_format(index) if weight_format == "auto" else weight_format
+
+
 def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
                      device: Union[str, torch.device] = "cpu", attention: str = "sdpa",
-                     operations=default_ops.plain) -> StepVideoTransformer:
+                     operations=default_ops.plain, weight_format: str = "auto") -> StepVideoTransformer:
     """Load a Step-Video DiT from ``path`` (folder or file, see module docstring).
 
-    Returns the model in eval mode on ``device`` with weights in ``dtype``.
-    Raises CheckpointError (a ValueError) naming what is wrong before reading
-    any weight when the files do not fit.
+    Returns the model in eval mode on ``device`` with weights in ``dtype``, except
+    that with ``weight_format`` "fp8_scaled" the blocks' Linear weights are stored
+    in fp8 with per-channel scales (quantised while loading a full-precision file,
+    kept as they are from a pre-quantised one).  "auto" (the default) follows the
+    file; "full" dequantises a pre-quantised file to ``dtype``.  ``model.weight_format``
+    records the result.  Raises CheckpointError (a ValueError) naming what is wrong
+    before reading any weight when the files do not fit.
     """
     index, config_path = find_transformer_files(path)
     config = read_config(config_path, index) if config_path else infer_config(index)
+    file_format = detect_weight_format(index)
+    weight_format = resolve_weight_format(weight_format, index)
+    use_fp8 = "fp8_scaled" in (weight_format, file_format)
+    if use_fp8 and operations is default_ops.plain:
+        operations = fp8.scaled_fp8
     model = build_transformer(config, device="meta", dtype=dtype, operations=operations)
-    load_weights(model, index, dtype=dtype, device=device,
+    take = None
+    if use_fp8:
+        try:
+            skip = fp8.prepare_for_scaled_file(model, index.shapes()) if file_format == "fp8_scaled" else []
+        except ValueError as exc:
+            raise CheckpointError(f"{index.source}: {exc}") from exc
+        if skip:
+            index = TensorIndex({k: e for k, e in index.items() if k not in skip}, index.files, index.stripped_prefix)
+        if weight_format == "fp8_scaled" and file_format == "full":
+            for layer in fp8.fp8_layers(model, FP8_PREFIX).values():
+                layer.quantize_on_load = True
+        take = fp8.make_take_hook(model, device)
+    load_weights(model, index, dtype=dtype, device=device, take=take,
                  what=f"a Step-Video DiT with {config.num_layers} blocks of width {config.inner_dim}")
+    if weight_format == "full" and file_format == "fp8_scaled":
+        fp8.dequantize_model(model, dtype)
+    model.weight_format = weight_format
     model.attention_backend = attention
     return model
-

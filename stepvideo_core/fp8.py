@@ -1,0 +1,275 @@
+"""Scaled fp8 weights: ``float8_e4m3fn`` storage with one fp32 scale per output channel.
+
+A weight W [out, in] is stored as ``W8 = round_e4m3(W / s)`` with
+``s[o] = max|W[o, :]| / 448`` (448 = largest e4m3 value), so every row uses the
+whole fp8 range.  Only the transformer blocks' Linear layers are stored this way
+(96% of the 30B parameters); norms, biases, embeddings, modulation tables, the
+caption/timestep projections and the final projection stay in the compute dtype.
+
+Two ways to multiply (chosen per call, see :func:`fp8_matmul_supported`):
+
+* **matmul**: ``torch._scaled_mm`` with the input quantised per row (token) on the
+  fly -- dynamic scales ``max|x[r, :]| / 448``, never a unit scale -- and the
+  weight's per-channel scales; fp32 accumulation, output in the compute dtype.
+  Used on CUDA with compute capability >= 8.9 (Ada/Hopper) for bf16 inputs, and on
+  the CPU (torch implements it there too, which is how the tests exercise it).
+* **dequantise**: ``W8 * s`` in the compute dtype, then an ordinary matmul.
+  Everywhere else, and whenever the kernel refuses a shape.
+
+File format (what :mod:`stepvideo_core.convert` writes and what ComfyUI users share as
+"fp8_scaled"): the usual tensor names, quantised weights in ``F8_E4M3`` plus a
+``<layer>.scale_weight`` tensor next to each -- shape [out, 1] or [out] (per channel)
+or [] / [1] (one scale for the whole tensor, the common ComfyUI variant) -- and an
+empty marker tensor named ``scaled_fp8``.  ``scale_input`` tensors (static input
+scales) are ignored: inputs always get dynamic per-row scales.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+log = logging.getLogger("StepVideo")
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+MARKER_KEY = "scaled_fp8"
+SCALE_SUFFIX = ".scale_weight"
+IGNORED_SUFFIXES = (".scale_input",)
+_MIN_SCALE = 1e-12          # rows of zeros get this scale (their fp8 values are 0 anyway)
+_CHUNK_ELEMENTS = 1 << 24   # fp32 temporaries while quantising are at most 64 MB
+MATMUL_MODES = ("auto", "matmul", "dequantize")
+
+
+def _row_chunks(rows: int, cols: int):
+    """Row ranges whose fp32 copies stay under :data:`_CHUNK_ELEMENTS` elements."""
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 copy of 2-D ``x``, fp32 scales [rows, 1]) with one scale per row: ``x ~ x8 * scale``.
+
+    Used for weights (rows = output channels) and for activations (rows = tokens).
+    Processed in row chunks so the fp32 temporaries stay small.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {list(x.shape)}")
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    for start, stop in _row_chunks(*x.shape):
+        part = x[start:stop].float()
+        scale = (part.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
+        out[start:stop] = (part / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        scales[start:stop] = scale
+    return out, scales
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight [out, in], fp32 per-output-channel scales [out]) for a Linear weight."""
+    w8, scale = quantize_rows(weight)
+    return w8, scale.reshape(-1)
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale`` in ``dtype``: the full-precision weight an fp8 weight stands for."""
+    return weight.to(dtype) * scale.reshape(-1, 1).to(dtype)
+
+
+def normalize_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """A file's ``scale_weight`` ([], [1], [out] or [out, 1]) as fp32 [out]."""
+    flat = scale.reshape(-1).float()
+    if flat.numel() == 1:
+        return flat.expand(out_features).clone()
+    if flat.numel() != out_features:
+        raise ValueError(f"scale_weight has {flat.numel()} values for a layer with {out_features} output channels")
+    return flat.contiguous()
+
+
+_FP8_MATMUL_PROBED: dict = {}
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """True when ``torch._scaled_mm`` with row-wise scales runs on ``device``.
+
+    CUDA needs compute capability >= 8.9; the CPU is probed once with a tiny call
+    (recent torch builds implement it).  Other devices use the dequantise path.
+    """
+    device = torch.device(device)
+    key = (device.type, device.index)
+    if key in _FP8_MATMUL_PROBED:
+        return _FP8_MATMUL_PROBED[key]
+    ok = False
+    if hasattr(torch, "_scaled_mm"):
+        if device.type == "cuda":
+            ok = torch.cuda.get_device_capability(device) >= (8, 9)
+        elif device.type == "cpu":
+            try:
+                a = torch.ones(16, 16, dtype=FP8)
+                one = torch.ones(16, 1)
+                torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.float32)
+                ok = True
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+    _FP8_MATMUL_PROBED[key] = ok
+    return ok
+
+
+class ScaledFp8Linear(ops.Linear):
+    """A Linear that holds either an ordinary weight or a scaled fp8 one (``scale_weight`` buffer).
+
+    Which one is decided at load time: the loader sets ``quantize_on_load`` on the
+    layers it wants in fp8 (then a full-precision weight is quantised as it
+    arrives), and a weight that arrives already in fp8 is kept as is.
+    ``matmul_mode`` ("auto", "matmul", "dequantize") picks the multiplication.
+    """
+
+    quantize_on_load = False
+    matmul_mode = "auto"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == FP8
+
+    # -- loading -----------------------------------------------------------------------
+    def expect_scale(self, shape: tuple) -> None:
+        """Declare a ``scale_weight`` of the file's ``shape`` so strict key checks expect it."""
+        self.register_buffer("scale_weight", torch.empty(shape, device="meta", dtype=torch.float32))
+
+    def take_tensor(self, leaf: str, tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+        """Load hook: store ``tensor`` as this layer's ``leaf`` ("weight"/"scale_weight") in fp8 form.
+
+        Returns False to let the generic loader handle it (biases, plain layers).
+        """
+        if leaf == "scale_weight":
+            self.register_buffer("scale_weight", normalize_scale(tensor, self.out_features).to(device))
+            return True
+        if leaf != "weight":
+            return False
+        if tensor.dtype == FP8:
+            w8 = tensor
+            if "scale_weight" not in self._buffers:  # plain fp8 file without scales: unit weight scale
+                self.register_buffer("scale_weight", torch.ones(self.out_features, device=device))
+        elif self.quantize_on_load:
+            w8, scale = quantize_weight(tensor)
+            self.register_buffer("scale_weight", scale.to(device))
+        else:
+            return False
+        self.weight = torch.nn.Parameter(w8.to(device), requires_grad=False)
+        return True
+
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        """Turn this layer back into an ordinary ``dtype`` Linear (drops ``scale_weight``)."""
+        if self.is_fp8:
+            weight = dequantize_weight(self.weight, self.scale_weight, dtype)
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            del self._buffers["scale_weight"]
+
+    # -- compute -----------------------------------------------------------------------
+    def _use_matmul(self, x: torch.Tensor) -> bool:
+        if self.matmul_mode == "dequantize":
+            return False
+        shapes_ok = self.in_features % 16 == 0 and self.out_features % 16 == 0
+        dtype_ok = x.device.type == "cpu" or x.dtype == torch.bfloat16
+        usable = shapes_ok and dtype_ok and fp8_matmul_supported(x.device)
+        if self.matmul_mode == "matmul" and not usable:
+            raise RuntimeError(f"fp8 matmul cannot run for a {self.in_features}->{self.out_features} layer on "
+                               f"{x.device} with {x.dtype} inputs; use matmul_mode 'auto' or 'dequantize'")
+        return usable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_fp8:
+            return super().forward(x)
+        if self._use_matmul(x):
+            x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+            y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.scale_weight.reshape(1, -1),
+                                 out_dtype=x.dtype)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, dequantize_weight(self.weight, self.scale_weight, x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+class scaled_fp8(ops.plain):  # noqa: N801 - an op family, like ops.plain
+    """Op family whose Linear layers can hold scaled fp8 weights (everything else as ``ops.plain``)."""
+
+    Linear = ScaledFp8Linear
+
+
+def fp8_layers(model: torch.nn.Module, prefix: str = "") -> dict[str, ScaledFp8Linear]:
+    """Qualified name -> layer, for every :class:`ScaledFp8Linear` under ``prefix``."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, ScaledFp8Linear) and name.startswith(prefix)}
+
+
+def is_scaled_fp8_file(dtypes: dict) -> bool:
+    """True when a checkpoint (tensor name -> safetensors dtype string) holds fp8 weights."""
+    return MARKER_KEY in dtypes or any(d.startswith("F8_") for k, d in dtypes.items() if k.endswith(".weight"))
+
+
+def prepare_for_scaled_file(model: torch.nn.Module, shapes: dict) -> list[str]:
+    """Declare the ``scale_weight`` tensors a pre-quantised file holds; returns the names to skip.
+
+    Skipped names are the marker and ``scale_input`` tensors (unused).  Raises
+    ValueError when a scale belongs to something that is not an fp8-capable Linear.
+    """
+    skip = []
+    for name, shape in shapes.items():
+        if name == MARKER_KEY or name.endswith(IGNORED_SUFFIXES):
+            skip.append(name)
+        elif name.endswith(SCALE_SUFFIX):
+            owner_name = name[:-len(SCALE_SUFFIX)]
+            try:
+                owner = model.get_submodule(owner_name)
+            except AttributeError:
+                continue  # left for the strict key check to report
+            if not isinstance(owner, ScaledFp8Linear):
+                raise ValueError(f"{name}: fp8 scales are supported for Linear layers only, "
+                                 f"{owner_name} is a {type(owner).__name__}")
+            owner.expect_scale(tuple(shape))
+    return skip
+
+
+def make_take_hook(model: torch.nn.Module, device) -> Callable[[str, torch.Tensor], bool]:
+    """The ``take`` hook for :func:`stepvideo_core.checkpoint.load_weights`: fp8-capable layers take
+    their weights and scales themselves (quantising when marked), everything else loads normally."""
+    device = torch.device(device)
+
+    def take(name: str, tensor: torch.Tensor) -> bool:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if isinstance(owner, ScaledFp8Linear):
+            return owner.take_tensor(leaf, tensor, device, None)
+        return False
+    return take
+
+
+def set_matmul_mode(model: torch.nn.Module, mode: str) -> None:
+    """Set ``matmul_mode`` ("auto", "matmul", "dequantize") on every fp8-capable layer of ``model``."""
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"unknown fp8 matmul mode {mode!r}; expected one of {MATMUL_MODES}")
+    for layer in fp8_layers(model).values():
+        layer.matmul_mode = mode
+
+
+def dequantize_model(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Turn every fp8 layer of ``model`` into an ordinary ``dtype`` Linear; returns how many were fp8."""
+    count = 0
+    for layer in fp8_layers(model).values():
+        if layer.is_fp8:
+            layer.dequantize_(dtype)
+            count += 1
+    return count
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (fp8 weights count one byte each)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
