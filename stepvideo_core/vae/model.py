@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops as default_ops
+from ..memory import trim_host_heap
 from .config import (FRAME_CHUNK, LATENT_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig,
                      check_latent_shape, check_video_shape)
 from .decoder import VideoDecoder
@@ -133,6 +134,8 @@ class StepVideoVAE(nn.Module):
                 std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
                 target.copy_(mean + std * noise[:, i * LATENT_CHUNK:(i + 1) * LATENT_CHUNK])
             del moments, mean, logvar
+            if out.device.type == "cpu":
+                trim_host_heap()
             if on_chunk is not None:
                 on_chunk(i + 1, chunks)
         return out
@@ -200,6 +203,8 @@ class StepVideoVAE(nn.Module):
             del part
             if i > 0:
                 blend_seam(out, i * FRAME_CHUNK)
+            if out.device.type == "cpu":
+                trim_host_heap()  # keep resident memory flat in video length (see memory.py)
             if on_chunk is not None:
                 on_chunk(i + 1, chunks)
         return out.clamp_(-1.0, 1.0) if clamp else out
