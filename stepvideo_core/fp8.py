@@ -63,10 +63,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(x.shape, dtype=FP8, device=x.device)
     scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
     for start, stop in _row_chunks(*x.shape):
-        part = x[start:stop].float()
+        part = x[start:stop].to(torch.float32, copy=True)  # in-place below: one fp32 chunk at a time
         scale = (part.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
-        out[start:stop] = (part / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out[start:stop] = part.div_(scale).clamp_(-FP8_MAX, FP8_MAX)
         scales[start:stop] = scale
+        del part
     return out, scales
 
 

@@ -99,6 +99,7 @@ class BlockStreamer:
         self._layout: list[tuple[str, bool]] = []
         self._pending: list[Action] = []
         self._swapped: dict[int, list[torch.Tensor]] = {}
+        self._computing: dict[int, int] = {}  # streamed block -> slot it is computing from
         self._state: tuple = initial_state(len(self.blocks), blocks_on_device)
         self._copy_stream = None
         self._ready: list = []
@@ -176,7 +177,7 @@ class BlockStreamer:
         for owner, name, is_param, home in reversed(self._homes):
             _set(owner, name, is_param, home)
         self._homes = []
-        self._slots, self._ready, self._done, self._pending = [], [], [], []
+        self._slots, self._ready, self._done, self._pending, self._computing = [], [], [], [], {}
         self._copy_stream = None
         self._state = initial_state(len(self.blocks), self.blocks_on_device)
 
@@ -213,15 +214,12 @@ class BlockStreamer:
 
     def _make_post_hook(self, index: int):
         def hook(module, args, output):
-            slot = self._slot_of(index)
-            if self.mode == "cuda":
+            slot = self._computing.pop(index, None)
+            if slot is not None and self.mode == "cuda":
                 self._done[slot].record(torch.cuda.current_stream(self.device))
             self._swap_out(index)
             return None
         return hook
-
-    def _slot_of(self, block: int) -> int:
-        return self._state.index(block)
 
     def _fetch(self, block: int, slot: int) -> None:
         """Start copying ``block``'s host tensors into ``slot`` (after the slot's previous user finished)."""
@@ -241,6 +239,7 @@ class BlockStreamer:
 
     def _swap_in(self, block: int, slot: int) -> None:
         """Point ``block``'s tensors at ``slot`` (waiting for its copy on CUDA)."""
+        self._computing[block] = slot
         if self.mode == "none":
             return
         if self.mode == "cuda":

@@ -1,0 +1,201 @@
+"""Automatic memory plan: how many transformer blocks can stay on the GPU.
+
+A pure, JSON-friendly function of numbers and strings (no torch, no device
+queries), so the sampler node, scripts and later the web UI can all call it.
+
+The memory model (bytes on the compute device at the peak of a sampling step)
+------------------------------------------------------------------------------
+With D the model width, L = latent_frames x (height/16) x (width/16) video
+tokens, B the batch of one model call (2 for batched CFG, 1 otherwise) and
+a the activation size (2 bytes for bf16/fp16, 4 for fp32), let U = B*L*D*a
+(one copy of the hidden states).
+
+* **weights**: non-block weights (always on the device, in the compute dtype)
+  + ``resident`` blocks + one device slot per streamed block, at most two
+  (double buffering); with fp8 storage a block's Linear weights take 1 byte per
+  weight plus an fp32 scale per output row, its norms and tables ``a`` bytes.
+* **activations**: ``13 U`` (``12 U`` in fp32) + the RoPE tables (2*L*128*a) +
+  four copies of the text context (B*S*D*a, S = 77 + 320 tokens).  13 U is
+  what is alive at the peak of a block: the patch-embedded input and the block
+  input (2 U), ``h`` and the fused q|k|v (4 U), the rotated q (1 U) and the
+  fp32 statistics of the k RMSNorm (4 U in bf16 terms) plus its outputs; the
+  FFN's GELU point is level with it (2 + 1 + 4 + 4 U).  These constants were
+  measured by counting live tensors while the real block code runs
+  (``tests/core/offload/livebytes.py``; ``test_planner.py`` re-measures them).
+* **attention**: fused kernels (SDPA flash/memory-efficient, flash_attn) need
+  no L x L buffer, so the backend only adds temporaries at the attention call,
+  where 9 U are alive: SageAttention's int8/fp8 copies of q, k, v (+1.5 U)
+  stay below the 13 U peak.  The unfused SDPA "math" kernel is never used by
+  torch on CUDA for these inputs and is not modelled.
+* **workspace**: fp8 weights add two dequantised copies of the largest Linear
+  weight (the dequantise path; the fp8-matmul path needs less: an fp8 copy of
+  the input and 128 MB of fp32 chunks), counted in full to cover both.
+* **reserve**: 1 GiB + 5% of the estimate, for the CUDA caching allocator's
+  fragmentation, cuBLAS workspaces and the latents/outputs of the sampler.
+
+``blocks_on_device="auto"`` picks the largest count whose estimate + reserve
+fits ``free_bytes``; if nothing fits with batched CFG, :func:`auto_plan` also
+tries running the two CFG branches one after the other (B = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+GiB = 1024 ** 3
+HEAD_DIM = 128
+CLIP_TOKENS, LLM_TOKENS = 77, 320
+ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "fp8_scaled")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "sageattention")
+PEAK_UNITS = {2: 13.0, 4: 12.0}         # live activation copies at a block's peak, by activation bytes
+ATTENTION_LIVE_UNITS = 9.0              # alive when attention runs
+ATTENTION_EXTRA_UNITS = {"auto": 1.5, "sdpa": 0.0, "flash_attn": 0.0, "sageattention": 1.5}
+CONTEXT_COPIES = 4
+RESERVE_FIXED = 1 * GiB
+RESERVE_FRACTION = 0.05
+DEFAULT_CONFIG = dict(num_attention_heads=48, attention_head_dim=128, in_channels=64, out_channels=64,
+                      num_layers=48, patch_size=1, caption_channels=[6144, 1024])
+
+
+def _dims(config: Optional[dict]) -> dict:
+    """Model sizes the estimate needs, from a config.json-style dict (default: the released 30B model)."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    caption = cfg["caption_channels"]
+    llm, clip = (caption, None) if isinstance(caption, int) else caption
+    return dict(D=cfg["num_attention_heads"] * cfg["attention_head_dim"], layers=cfg["num_layers"],
+                cin=cfg["in_channels"] * cfg["patch_size"] ** 2, cout=cfg["out_channels"] * cfg["patch_size"] ** 2,
+                llm=llm, clip=clip, head_dim=cfg["attention_head_dim"])
+
+
+def parameter_counts(config: Optional[dict] = None) -> dict:
+    """Parameters per block (Linear weights and the rest) and outside the blocks."""
+    d = _dims(config)
+    D = d["D"]
+    non_block = (D * d["cin"] + D                      # pos_embed (1x1 conv)
+                 + 256 * D + D + D * D + D             # timestep embedder
+                 + 6 * D * D + 6 * D                   # adaln_single.linear
+                 + d["llm"] * D + D + D * D + D        # caption_projection
+                 + 2 * D                               # final scale_shift_table
+                 + d["cout"] * D + d["cout"])          # proj_out
+    if d["clip"]:
+        non_block += d["clip"] * D + D                 # clip_projection
+    return {"block_linear": 16 * D * D,                # wqkv 3, wo 1, wq 1, wkv 2, wo 1, ff 4 + 4
+            "block_linear_rows": 13 * D,
+            "block_other": 10 * D + 4 * d["head_dim"],  # 2 LayerNorms (w+b), table 6D, q/k norms
+            "non_block": non_block, "largest_linear": 4 * D * D, "layers": d["layers"]}
+
+
+def weight_bytes(weight_format: str, compute_dtype: str = "bf16", config: Optional[dict] = None) -> dict:
+    """Bytes of one block and of the non-block weights for ``weight_format``."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight_format {weight_format!r}; expected one of {WEIGHT_FORMATS}")
+    counts = parameter_counts(config)
+    a = ACTIVATION_BYTES[_compute_dtype(weight_format, compute_dtype)]
+    if weight_format == "fp8_scaled":
+        block = counts["block_linear"] + 4 * counts["block_linear_rows"] + a * counts["block_other"]
+    else:
+        block = ACTIVATION_BYTES[weight_format] * (counts["block_linear"] + counts["block_other"])
+    return {"block": block, "non_block": a * counts["non_block"], "layers": counts["layers"]}
+
+
+def _compute_dtype(weight_format: str, compute_dtype: Optional[str]) -> str:
+    """Activation dtype: the weights' own for full-precision formats, ``compute_dtype`` for fp8."""
+    if weight_format == "fp8_scaled":
+        compute_dtype = compute_dtype or "bf16"
+        if compute_dtype not in ACTIVATION_BYTES:
+            raise ValueError(f"unknown compute_dtype {compute_dtype!r}; expected one of {list(ACTIVATION_BYTES)}")
+        return compute_dtype
+    return weight_format
+
+
+def latent_tokens(width: int, height: int, frames: int, patch_size: int = 1) -> int:
+    """Video tokens L of one sample (frames/17*3 latent frames x height/16 x width/16)."""
+    return (frames // 17 * 3) * (height // 16 // patch_size) * (width // 16 // patch_size)
+
+
+def estimate_peak(width: int, height: int, frames: int, *, blocks_on_device: int, cfg_batch: int = 2,
+                  weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
+                  config: Optional[dict] = None) -> dict:
+    """Peak device bytes of a sampling step, itemised (see module docstring); all values are ints."""
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}; expected one of {ATTENTION_BACKENDS}")
+    d = _dims(config)
+    sizes = weight_bytes(weight_format, compute_dtype, config)
+    layers = sizes["layers"]
+    resident = max(0, min(int(blocks_on_device), layers))
+    slots = min(2, layers - resident)
+    a = ACTIVATION_BYTES[_compute_dtype(weight_format, compute_dtype)]
+    L = latent_tokens(width, height, frames)
+    unit = cfg_batch * L * d["D"] * a
+    units = max(PEAK_UNITS[a], ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[attention])
+    activations = (units * unit + 2 * L * d["head_dim"] * a
+                   + CONTEXT_COPIES * cfg_batch * (CLIP_TOKENS + LLM_TOKENS) * d["D"] * a)
+    workspace = 2 * parameter_counts(config)["largest_linear"] * a if weight_format == "fp8_scaled" else 0
+    items = {"non_block_weights": sizes["non_block"], "resident_blocks": resident * sizes["block"],
+             "stream_slots": slots * sizes["block"], "activations": int(activations), "workspace": workspace}
+    total = sum(items.values())
+    return {"total": total, "items": items, "tokens": L, "resident": resident, "slots": slots,
+            "block_bytes": sizes["block"], "reserve": int(RESERVE_FIXED + RESERVE_FRACTION * total)}
+
+
+def plan(width: int, height: int, frames: int, *, free_bytes: int, cfg_batch: int = 2,
+         weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
+         blocks_on_device: Union[str, int] = "auto", config: Optional[dict] = None) -> dict:
+    """The plan for one configuration: a JSON-friendly dict.
+
+    Keys: ``blocks_on_device`` (chosen, or the number given), ``num_blocks``,
+    ``streamed_blocks``, ``copies_per_step`` (block copies per model call), ``fits``,
+    ``peak_bytes`` (estimate, without reserve), ``reserve_bytes``, ``free_bytes``,
+    ``items`` (itemised peak), ``tokens``, ``cfg_batch``, ``weight_format``, ``message``.
+    """
+    layers = weight_bytes(weight_format, compute_dtype, config)["layers"]
+    common = dict(cfg_batch=cfg_batch, weight_format=weight_format, attention=attention,
+                  compute_dtype=compute_dtype, config=config)
+    if blocks_on_device == "auto":
+        chosen = 0
+        for n in range(layers, -1, -1):
+            est = estimate_peak(width, height, frames, blocks_on_device=n, **common)
+            if est["total"] + est["reserve"] <= free_bytes:
+                chosen = n
+                break
+    else:
+        chosen = max(0, min(int(blocks_on_device), layers))
+    est = estimate_peak(width, height, frames, blocks_on_device=chosen, **common)
+    fits = est["total"] + est["reserve"] <= free_bytes
+    streamed = layers - chosen
+    gb = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+    if not fits:
+        message = (f"does not fit: {gb(est['total'])} + {gb(est['reserve'])} reserve needed with "
+                   f"{chosen} of {layers} blocks on the device, {gb(free_bytes)} free")
+    elif streamed == 0:
+        message = f"all {layers} blocks on the device: {gb(est['total'])} of {gb(free_bytes)}"
+    else:
+        message = (f"{chosen} of {layers} blocks on the device, {streamed} streamed: "
+                   f"{gb(est['total'])} of {gb(free_bytes)}")
+    return {"blocks_on_device": chosen, "num_blocks": layers, "streamed_blocks": streamed,
+            "copies_per_step": 0 if streamed <= 2 else streamed, "fits": fits, "peak_bytes": est["total"],
+            "reserve_bytes": est["reserve"], "free_bytes": int(free_bytes), "items": est["items"],
+            "tokens": est["tokens"], "cfg_batch": cfg_batch, "weight_format": weight_format,
+            "attention": attention, "message": message}
+
+
+def auto_plan(width: int, height: int, frames: int, *, free_bytes: int, guided: bool = True,
+              weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
+              blocks_on_device: Union[str, int] = "auto", config: Optional[dict] = None) -> dict:
+    """:func:`plan` with batched CFG when it fits, else with the two CFG branches run one by one.
+
+    Batched CFG is preferred: it is the official computation and streams each block
+    once per step instead of twice.  Adds ``batch_cfg`` (bool) to the plan.  Without
+    guidance the batch is 1 anyway.
+    """
+    common = dict(free_bytes=free_bytes, weight_format=weight_format, attention=attention,
+                  compute_dtype=compute_dtype, blocks_on_device=blocks_on_device, config=config)
+    if not guided:
+        return dict(plan(width, height, frames, cfg_batch=1, **common), batch_cfg=False)
+    batched = plan(width, height, frames, cfg_batch=2, **common)
+    if batched["fits"]:
+        return dict(batched, batch_cfg=True)
+    one_by_one = plan(width, height, frames, cfg_batch=1, **common)
+    one_by_one["message"] += " (CFG branches one after the other)"
+    return dict(one_by_one, batch_cfg=False)

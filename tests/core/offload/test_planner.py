@@ -1,0 +1,116 @@
+"""The automatic memory plan: parameter counts, known configurations, and the activation model
+checked against the bytes the real model code allocates (counted with LiveBytes)."""
+
+import json
+
+import pytest
+import torch
+
+from stepvideo_core import fp8, load_transformer
+from stepvideo_core.offload.planner import (GiB, auto_plan, estimate_peak, latent_tokens, parameter_counts, plan,
+                                            weight_bytes)
+from stepvideo_core.tiny import TINY_DIT_CONFIG
+from tests.core.offload.livebytes import LiveBytes
+from tests.core.sampling.conftest import tiny_model
+from tests.factory import write_tiny_dit
+
+
+def test_parameter_counts_of_the_release_and_of_the_tiny_model():
+    counts = parameter_counts()
+    assert counts["block_linear"] + counts["block_other"] == 604_041_728
+    assert counts["non_block"] == 348_475_456
+    assert 48 * 604_041_728 + counts["non_block"] == 29_342_478_400
+    model = tiny_model()
+    tiny = parameter_counts(TINY_DIT_CONFIG)
+    assert tiny["layers"] * (tiny["block_linear"] + tiny["block_other"]) + tiny["non_block"] == model.num_parameters()
+
+
+def test_weight_bytes_match_real_models(tmp_path):
+    bf16 = weight_bytes("bf16")
+    assert 48 * bf16["block"] + bf16["non_block"] == 2 * 29_342_478_400  # 58.7 GB
+    assert 29.3e9 < 48 * weight_bytes("fp8_scaled")["block"] + weight_bytes("fp8_scaled")["non_block"] < 29.8e9
+    src = write_tiny_dit(tmp_path / "sv")
+    q = load_transformer(src, dtype=torch.bfloat16, weight_format="fp8_scaled")
+    sizes = weight_bytes("fp8_scaled", "bf16", TINY_DIT_CONFIG)
+    assert fp8.weight_bytes(q.transformer_blocks[0]) == sizes["block"]
+    assert fp8.weight_bytes(q) == 2 * sizes["block"] + sizes["non_block"]
+
+
+# Known configurations (544x992, 50 steps, cfg on): the plan the node will use.
+KNOWN = [  # weight format, frames, GiB free -> blocks on device, batched CFG
+    ("bf16", 204, 24, 6, False), ("bf16", 204, 48, 17, True), ("bf16", 204, 80, 44, True),
+    ("bf16", 51, 24, 11, True), ("bf16", 51, 48, 32, True), ("bf16", 51, 80, 48, True),
+    ("fp8_scaled", 204, 24, 14, False), ("fp8_scaled", 204, 48, 35, True), ("fp8_scaled", 204, 80, 48, True),
+    ("fp8_scaled", 51, 24, 24, True), ("fp8_scaled", 51, 48, 48, True), ("fp8_scaled", 51, 80, 48, True),
+]
+
+
+@pytest.mark.parametrize("fmt, frames, gib, blocks, batched", KNOWN)
+def test_known_configurations(fmt, frames, gib, blocks, batched):
+    p = auto_plan(992, 544, frames, free_bytes=gib * GiB, weight_format=fmt)
+    assert (p["blocks_on_device"], p["batch_cfg"], p["fits"]) == (blocks, batched, True)
+    assert p["peak_bytes"] + p["reserve_bytes"] <= gib * GiB
+    if blocks < 48:  # one more block would not fit
+        more = plan(992, 544, frames, free_bytes=gib * GiB, weight_format=fmt, cfg_batch=p["cfg_batch"],
+                    blocks_on_device=blocks + 1)
+        assert not more["fits"] or blocks + 1 >= 46  # 46..48 cost the same (slots)
+
+
+def test_plan_is_json_friendly_and_itemised():
+    p = auto_plan(992, 544, 204, free_bytes=24 * GiB, weight_format="fp8_scaled", attention="sageattention")
+    assert json.loads(json.dumps(p)) == p
+    assert p["tokens"] == 36 * 34 * 62 == latent_tokens(992, 544, 204)
+    assert sum(p["items"].values()) == p["peak_bytes"]
+    assert p["copies_per_step"] == p["streamed_blocks"] == 48 - p["blocks_on_device"]
+    assert "streamed" in p["message"] and "one after the other" in p["message"]
+
+
+def test_too_small_and_monotone():
+    tiny = auto_plan(992, 544, 204, free_bytes=8 * GiB)
+    assert not tiny["fits"] and tiny["blocks_on_device"] == 0 and "does not fit" in tiny["message"]
+    counts = [plan(992, 544, 102, free_bytes=g * GiB)["blocks_on_device"] for g in (24, 32, 48, 64, 80)]
+    assert counts == sorted(counts)
+    by_frames = [plan(992, 544, f, free_bytes=48 * GiB)["blocks_on_device"] for f in (17, 51, 102, 204)]
+    assert by_frames == sorted(by_frames, reverse=True)
+    fixed = plan(992, 544, 51, free_bytes=80 * GiB, blocks_on_device=10)
+    assert fixed["blocks_on_device"] == 10 and fixed["items"]["stream_slots"] == 2 * weight_bytes("bf16")["block"]
+    assert plan(992, 544, 51, free_bytes=80 * GiB, blocks_on_device=47)["items"]["stream_slots"] == \
+        weight_bytes("bf16")["block"]
+    with pytest.raises(ValueError):
+        plan(992, 544, 51, free_bytes=GiB, weight_format="int4")
+    with pytest.raises(ValueError):
+        plan(992, 544, 51, free_bytes=GiB, attention="xformers")
+
+
+def measured_forward_peak(model, dtype, frames=3, height=16, width=32):
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(2, frames, 64, height, width, generator=gen).to(dtype),
+              timestep=torch.tensor([0.5, 0.5], dtype=dtype),
+              encoder_hidden_states=torch.randn(2, 320, 96, generator=gen).to(dtype),
+              encoder_hidden_states_2=torch.randn(2, 77, 48, generator=gen).to(dtype),
+              encoder_attention_mask=torch.ones(2, 397, dtype=dtype))
+    with torch.no_grad():
+        counter = LiveBytes()
+        counter.ignore(*model.parameters(), *model.buffers(), *kw.values())
+        with counter:
+            model(**kw)
+    return counter.peak
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_activation_model_covers_what_the_model_allocates(dtype, name):
+    """Estimate >= measured live bytes of a real forward (batch 2), and within 15% of it."""
+    measured = measured_forward_peak(tiny_model(dtype), dtype)
+    est = estimate_peak(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format=name, config=TINY_DIT_CONFIG)
+    assert measured <= est["items"]["activations"] <= 1.15 * measured
+
+
+def test_fp8_matmul_path_stays_inside_the_estimate(tmp_path, monkeypatch):
+    # quantisation chunks as small relative to the tensors as they are at full size (64 MB vs GBs)
+    monkeypatch.setattr(fp8, "_CHUNK_ELEMENTS", 4096)
+    q = load_transformer(write_tiny_dit(tmp_path / "sv"), dtype=torch.bfloat16, weight_format="fp8_scaled")
+    fp8.set_matmul_mode(q, "matmul")
+    measured = measured_forward_peak(q, torch.bfloat16)
+    est = estimate_peak(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format="fp8_scaled",
+                        config=TINY_DIT_CONFIG)
+    assert measured <= est["items"]["activations"] + est["items"]["workspace"]
