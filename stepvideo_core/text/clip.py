@@ -69,7 +69,10 @@ def clip_weight_file(encoder_dir: Path) -> Path:
 def _pickle_shapes(path: Path) -> dict[str, tuple[tuple, str]]:
     """name -> (shape, dtype) of a torch-saved state dict, read with ``weights_only=True`` (memory-mapped)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files saved in torch's pre-1.6 format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler raises many types; all mean "not a plain tensor file"
         raise CheckpointError(f"{path} ({path.stat().st_size:,} bytes) could not be read as a plain tensor "
                               f"file with torch.load(weights_only=True): {exc}. It is truncated, or holds "
