@@ -297,3 +297,40 @@ def free_vram(device: torch.device | None = None) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     return None
+
+
+def empty_cache() -> None:
+    """Hand cached-but-unused accelerator memory back (after a run), without unloading any model.
+
+    Inside ComfyUI: ``comfy.model_management.soft_empty_cache()``; elsewhere the CUDA cache.
+    """
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+        return
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- previews
+
+PREVIEW_MAX_SIZE = 512
+
+
+def preview_image(rgb):
+    """Return a preview for ``ProgressBar.update_absolute(value, total, preview)``, or None.
+
+    `rgb` is a uint8 tensor [h, w, 3]. ComfyUI takes ``("JPEG", PIL.Image, max_size)``;
+    the image is enlarged (nearest) to about 256 px so a 34x62 latent preview is visible.
+    Returns None when Pillow is missing (previews are optional).
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    image = Image.fromarray(rgb.cpu().numpy())
+    scale = max(1, 256 // max(image.size))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return ("JPEG", image, PREVIEW_MAX_SIZE)

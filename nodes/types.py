@@ -18,7 +18,10 @@ class StepVideoModelHandle:
     (a LoRA loader returns ``dataclasses.replace(handle, adapters=...)``, not a deep copy).
     The weights rest on `offload_device`; `device` is where the sampler computes.
     `attention` is the attention backend the sampler applies at run time, so that handles
-    sharing one transformer can differ in it.
+    sharing one transformer can differ in it. `weight_format` is how the block weights are
+    stored ("full" in `dtype`, or "fp8_scaled"); `dtype` is then the compute dtype.
+    `blocks_on_device` is the streaming choice the sampler applies: "auto" (the memory
+    planner decides), "all", or a number of blocks kept on the device.
     """
 
     transformer: torch.nn.Module
@@ -28,6 +31,8 @@ class StepVideoModelHandle:
     attention: str
     source: Path
     adapters: tuple = ()
+    weight_format: str = "full"
+    blocks_on_device: str = "auto"
 
     @property
     def config(self):

@@ -1,0 +1,156 @@
+"""Sampler-family node: StepVideoSampler (text conditioning + model handle -> LATENT).
+
+The node is thin: it turns widgets into a call of :func:`stepvideo_core.sampling.sample`,
+asks the memory planner how many blocks fit on the GPU, and wires ComfyUI's progress
+bar, previews, interrupt and memory management in through :mod:`comfy_bridge`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from typing import Mapping, Optional
+
+import torch
+
+from ..stepvideo_core.offload import SamplingInterrupted, auto_plan
+from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
+from ..stepvideo_core.sampling.preview import default_factors, preview_frame
+from ..stepvideo_core.vae.latents import to_comfy_latent
+from . import comfy_bridge as bridge
+from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_MODEL
+
+log = logging.getLogger("StepVideo")
+
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def conditioning_dict(cond, name: str) -> dict:
+    """The DiT inputs of a STEPVIDEO_CONDITIONING value (the text family's dataclass, or a plain dict)."""
+    if hasattr(cond, "dit_inputs"):
+        return dict(cond.dit_inputs())
+    if isinstance(cond, Mapping):
+        return {k: cond.get(k) for k in CONDITIONING_KEYS}
+    raise TypeError(f"StepVideo: {name} must be a STEPVIDEO_CONDITIONING (from StepVideoTextEncode), "
+                    f"got {type(cond).__name__}")
+
+
+def settings(preset: str, steps: int, cfg: float, shift: float) -> dict:
+    """Preset values, each replaced by its widget when the widget is not 0 (0 = "from the preset")."""
+    return resolve_settings(preset, steps or None, cfg or None, shift or None)
+
+
+def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> dict:
+    """Decide ``blocks_on_device`` and CFG batching for this run; returns the planner's dict.
+
+    On the CPU (or when the handle says "all") every block is used in place. On a GPU
+    ComfyUI is first asked to free what the fully resident run would need, then the
+    planner fits the plan into the free memory it reports.
+    """
+    choice = str(handle.blocks_on_device)
+    layers = handle.config.num_layers
+    if handle.device.type == "cpu" or choice == "all":
+        return {"blocks_on_device": layers, "batch_cfg": True, "fits": True,
+                "message": f"all {layers} blocks on {handle.device}", "streamed_blocks": 0}
+    fmt = handle.weight_format if handle.weight_format == "fp8_scaled" else DTYPE_NAMES[handle.dtype]
+    common = dict(guided=guided, weight_format=fmt, attention=handle.attention,
+                  compute_dtype=DTYPE_NAMES[handle.dtype], config=handle.config.to_dict())
+    wanted = auto_plan(width, height, frames, free_bytes=1 << 62, blocks_on_device=layers, **common)
+    bridge.free_memory(wanted["peak_bytes"] + wanted["reserve_bytes"], handle.device)
+    free = bridge.free_vram(handle.device)
+    if free is None:
+        free = 1 << 62
+    blocks = "auto" if choice == "auto" else int(choice)
+    return auto_plan(width, height, frames, free_bytes=free, blocks_on_device=blocks, **common)
+
+
+class StepVideoSampler:
+    """Denoises a Step-Video latent from text conditioning (flow matching, Euler, CFG)."""
+
+    CATEGORY = "StepVideo/sampling"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Video latent [B, 64, frames/17*3, height/16, width/16] for StepVideoVAEDecode.",)
+    DESCRIPTION = ("Runs the Step-Video-T2V DiT: the official flow-matching schedule, Euler steps and "
+                   "classifier-free guidance. Blocks that do not fit on the GPU are streamed from RAM.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (STEPVIDEO_MODEL, {"tooltip": "From StepVideo Model Loader."}),
+                "positive": (STEPVIDEO_CONDITIONING, {"tooltip": "The prompt, from StepVideo Text Encode."}),
+                "negative": (STEPVIDEO_CONDITIONING, {"tooltip": "The negative prompt (used when cfg > 1)."}),
+                "preset": (list(PRESETS), {
+                    "default": DEFAULT_PRESET,
+                    "tooltip": "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+                }),
+                "width": ("INT", {"default": 992, "min": 16, "max": 4096, "step": 16,
+                                  "tooltip": "Multiple of 16 (official: 992)."}),
+                "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16,
+                                   "tooltip": "Multiple of 16 (official: 544)."}),
+                "frames": ("INT", {"default": 204, "min": 17, "max": 1020, "step": 17,
+                                   "tooltip": "Multiple of 17 (every 17 frames are 3 latent frames); "
+                                              "official: 204 = 8 s at 25 fps."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                  "tooltip": "0 = the preset's (50, Turbo 15)."}),
+                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "0 = the preset's (9, Turbo 5); 1 = no guidance (faster)."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                    "tooltip": "Time shift of the schedule; 0 = the preset's (13, Turbo 17)."}),
+                "seed": ("INT", {"default": 1234, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise is drawn on the CPU, so a seed gives the same video on "
+                                            "every machine."}),
+            }
+        }
+
+    def sample(self, model, positive, negative, preset, width, height, frames, steps, cfg, shift, seed):
+        """Return the UI summary and ``({"samples": [B, C, F, h, w]},)``."""
+        run = settings(preset, steps, cfg, shift)
+        guided = run["cfg"] > 1.0
+        pos = conditioning_dict(positive, "positive")
+        neg = conditioning_dict(negative, "negative") if guided else None
+        plan = plan_blocks(model, width, height, frames, guided)
+        if not plan["fits"]:
+            log.warning("StepVideo: the memory plan says this run may not fit (%s); trying anyway. "
+                        "fp8_scaled weights, fewer frames or a smaller size need less memory.", plan["message"])
+        transformer = model.transformer
+        transformer.attention_backend = model.attention
+        streamed = plan["blocks_on_device"] < model.config.num_layers
+        factors = default_factors()
+        progress = bridge.progress_bar(run["steps"])
+
+        def on_step(i, n, latents):
+            progress.update_absolute(i, n, bridge.preview_image(preview_frame(latents, factors)))
+
+        adapters = nullcontext()
+        if model.adapters:
+            from ..stepvideo_core.lora.apply import attached
+            adapters = attached(transformer, model.adapters, blocks_on_device=plan["blocks_on_device"])
+        start = time.perf_counter()
+        try:
+            with adapters:
+                latents = sample(transformer, pos, neg, width=width, height=height, frames=frames,
+                                 steps=run["steps"], cfg=run["cfg"], shift=run["shift"], seed=seed,
+                                 device=model.device,
+                                 blocks_on_device=plan["blocks_on_device"] if streamed else None,
+                                 batch_cfg=plan["batch_cfg"], on_step=on_step,
+                                 should_stop=bridge.interrupt_requested)
+        except SamplingInterrupted:
+            bridge.check_interrupt()  # ComfyUI's own interrupt exception (weights are already home)
+            raise
+        finally:
+            bridge.empty_cache()
+        seconds = time.perf_counter() - start
+        summary = (f"{run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {seed}; "
+                   f"{width}x{height}x{frames} -> latent {list(latents.shape)}; {plan['message']}"
+                   f"{'' if plan.get('batch_cfg', True) else ' (CFG one branch at a time)'}; {seconds:.1f} s")
+        log.info("StepVideo sampler: %s", summary)
+        return {"ui": {"text": [summary]}, "result": ({"samples": to_comfy_latent(latents)},)}
+
+
+NODE_CLASS_MAPPINGS = {"StepVideoSampler": StepVideoSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"StepVideoSampler": "StepVideo Sampler"}

@@ -1,0 +1,111 @@
+"""Latent previews: a linear map from the 64 latent channels to RGB.
+
+Decoding a preview with the VAE every step would cost more than the step, so,
+like ComfyUI's ``latent_rgb_factors``, a preview is ``rgb = latent @ W + b`` per
+latent cell (one pixel per 16x16 patch).  ``W`` [64, 3] and ``b`` [3] are not
+published for Step-Video; :func:`fit_latent_rgb` obtains them by least squares
+from (latents, decoded video) pairs of one VAE -- e.g. a few real clips encoded
+by the VAE, or the latents and frames of a finished generation -- by averaging
+the frames down to the latent grid (16x16 pixels, 17 frames -> 3 latent frames)
+and solving a ridge-regularised linear regression.  A fit can be saved as JSON
+(:meth:`LatentRGB.save`) and shipped as ``latent_rgb.json`` next to this module;
+without one, :func:`neutral_preview` shows the latents' dominant structure in
+grey (the first principal component of the 64 channels), which needs no weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_FACTORS = Path(__file__).with_name("latent_rgb.json")
+
+
+@dataclass(frozen=True)
+class LatentRGB:
+    """``rgb = latent @ weight + bias`` with rgb in [-1, 1] (the VAE's output range)."""
+
+    weight: torch.Tensor  # [C, 3]
+    bias: torch.Tensor    # [3]
+
+    def apply(self, latents: torch.Tensor) -> torch.Tensor:
+        """[..., C, h, w] latents -> [..., h, w, 3] RGB in [0, 1]."""
+        x = latents.float().movedim(-3, -1)
+        rgb = x @ self.weight.float().to(x.device) + self.bias.float().to(x.device)
+        return ((rgb.clamp(-1, 1) + 1) / 2).cpu()
+
+    def save(self, path) -> None:
+        """Write the factors as JSON (plain lists, readable by any UI)."""
+        Path(path).write_text(json.dumps({"weight": self.weight.tolist(), "bias": self.bias.tolist()}))
+
+    @classmethod
+    def load(cls, path) -> "LatentRGB":
+        """Read factors written by :meth:`save`."""
+        data = json.loads(Path(path).read_text())
+        return cls(torch.tensor(data["weight"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32))
+
+
+def _video_on_latent_grid(video: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    """[B, T, 3, H, W] frames averaged down to [B, frames, 3, height, width] (area resampling)."""
+    b, t, c, h, w = video.shape
+    x = video.float().permute(0, 2, 1, 3, 4)  # B, 3, T, H, W
+    x = F.adaptive_avg_pool3d(x, (frames, height, width))
+    return x.permute(0, 2, 1, 3, 4)
+
+
+def fit_latent_rgb(latents: torch.Tensor, video: torch.Tensor, ridge: float = 1e-3) -> LatentRGB:
+    """Least-squares factors mapping ``latents`` [B, F, C, h, w] to ``video`` [B, T, 3, H, W] in [-1, 1].
+
+    The video is the decode of (or the clip encoded into) the latents; it is
+    averaged down to the latent grid first.  ``ridge`` (relative to the mean
+    channel energy) keeps the fit stable when some channels hardly vary.
+    """
+    if latents.ndim != 5 or video.ndim != 5 or video.shape[2] != 3:
+        raise ValueError(f"expected latents [B, F, C, h, w] and video [B, T, 3, H, W], got "
+                         f"{list(latents.shape)} and {list(video.shape)}")
+    b, f, c, h, w = latents.shape
+    target = _video_on_latent_grid(video, f, h, w).movedim(2, -1).reshape(-1, 3).double()
+    x = latents.double().movedim(2, -1).reshape(-1, c)
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # bias column
+    gram = x.T @ x
+    reg = ridge * gram.diagonal()[:c].mean().clamp_min(1e-12)
+    gram[:c, :c] += reg * torch.eye(c, dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, x.T @ target)
+    return LatentRGB(solution[:c].float(), solution[c].float())
+
+
+def neutral_preview(latents: torch.Tensor) -> torch.Tensor:
+    """Grey preview without factors: [..., C, h, w] -> [..., h, w, 3] in [0, 1].
+
+    Projects the channels on their first principal component (sign chosen so the
+    projection correlates positively with the channel mean) and stretches the 1st..99th
+    percentiles to black..white.
+    """
+    x = latents.float().movedim(-3, -1)
+    flat = x.reshape(-1, x.shape[-1])
+    centred = flat - flat.mean(dim=0)
+    _, _, v = torch.linalg.svd(centred[:: max(1, len(centred) // 4096)], full_matrices=False)
+    direction = v[0]
+    if float(direction.sum()) < 0:
+        direction = -direction
+    grey = (x - flat.mean(dim=0)) @ direction
+    lo, hi = torch.quantile(grey.flatten()[:: max(1, grey.numel() // 65536)], torch.tensor([0.01, 0.99]))
+    grey = ((grey - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    return grey[..., None].expand(*grey.shape, 3).cpu()
+
+
+def default_factors() -> Optional[LatentRGB]:
+    """Factors shipped with the package (``latent_rgb.json``), or None when none were fitted yet."""
+    return LatentRGB.load(DEFAULT_FACTORS) if DEFAULT_FACTORS.is_file() else None
+
+
+def preview_frame(latents: torch.Tensor, factors: Optional[LatentRGB] = None, index: Optional[int] = None) -> torch.Tensor:
+    """uint8 RGB [h, w, 3] of one latent frame (the middle one by default) of ``latents`` [B, F, C, h, w]."""
+    frame = latents[0, latents.shape[1] // 2 if index is None else index]
+    rgb = factors.apply(frame) if factors is not None else neutral_preview(frame)
+    return (rgb * 255).round().to(torch.uint8)

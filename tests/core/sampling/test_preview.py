@@ -1,0 +1,46 @@
+"""Latent previews: least-squares RGB factors and the neutral fallback."""
+
+import torch
+import torch.nn.functional as F
+
+from stepvideo_core.sampling.preview import LatentRGB, default_factors, fit_latent_rgb, neutral_preview, preview_frame
+
+
+def synthetic_pair(seed=0, channels=8):
+    """Latents and a 'decoded' video that really is a linear function of them (16x upsampled in space, 3x in time)."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 6, channels, 3, 4, generator=gen)
+    weight = torch.randn(channels, 3, generator=gen) * 0.2
+    bias = torch.tensor([0.1, -0.2, 0.05])
+    rgb = latents.movedim(2, -1) @ weight + bias                      # [1, 6, 3, 4, 3]
+    video = rgb.permute(0, 4, 1, 2, 3)                                 # [1, 3, 6, 3, 4]
+    video = F.interpolate(video, size=(18, 48, 64), mode="nearest")    # frames x3, pixels x16
+    return latents, video.permute(0, 2, 1, 3, 4), weight, bias
+
+
+def test_fit_recovers_a_linear_decoder():
+    latents, video, weight, bias = synthetic_pair()
+    fit = fit_latent_rgb(latents, video, ridge=1e-9)
+    assert torch.allclose(fit.weight, weight, atol=2e-3) and torch.allclose(fit.bias, bias, atol=2e-3)
+    rgb = fit.apply(latents[0])
+    assert rgb.shape == (6, 3, 4, 3) and 0 <= float(rgb.min()) and float(rgb.max()) <= 1
+
+
+def test_factors_round_trip_as_json(tmp_path):
+    fit = LatentRGB(torch.randn(64, 3), torch.randn(3))
+    fit.save(tmp_path / "f.json")
+    back = LatentRGB.load(tmp_path / "f.json")
+    assert torch.allclose(back.weight, fit.weight) and torch.allclose(back.bias, fit.bias)
+
+
+def test_neutral_preview_and_preview_frame():
+    latents = torch.randn(1, 9, 64, 5, 7, generator=torch.Generator().manual_seed(1))
+    grey = neutral_preview(latents[0, 4])
+    assert grey.shape == (5, 7, 3) and torch.equal(grey[..., 0], grey[..., 2])
+    assert torch.isfinite(neutral_preview(torch.zeros(64, 5, 7))).all()  # constant latents: no NaN
+    frame = preview_frame(latents)
+    assert frame.dtype == torch.uint8 and frame.shape == (5, 7, 3)
+    assert torch.equal(frame, preview_frame(latents))  # deterministic
+    factors = LatentRGB(torch.zeros(64, 3), torch.tensor([1.0, -1.0, 0.0]))
+    assert preview_frame(latents, factors)[0, 0].tolist() == [255, 0, 128]
+    assert default_factors() is None  # no fit shipped until one is made from the real VAE
