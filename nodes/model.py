@@ -17,6 +17,11 @@ log = logging.getLogger("StepVideo")
 
 DIT_FOLDER = "diffusion_models"
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# weight_dtype combo: the full-precision dtypes above, plus scaled fp8 block weights and "auto"
+# (fp8_scaled for pre-quantised files, else "default"). fp8 computes in the "default" dtype.
+WEIGHT_CHOICES = ("auto", *WEIGHT_DTYPES, "fp8_scaled")
+# blocks_on_device combo: the planner decides, every block, or a fixed number (capped at the model's).
+BLOCK_CHOICES = ("auto", "all", *(str(i) for i in range(49)))
 DEFAULT_ATTENTION = "sdpa"
 
 
@@ -32,6 +37,22 @@ def resolve_weight_dtype(choice: str, device: torch.device) -> torch.dtype:
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return dtype
+
+
+def resolve_weight_choice(choice: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """Return (compute dtype, core ``weight_format``) for a ``weight_dtype`` combo value.
+
+    Full-precision choices load every weight in their dtype ("full"); "fp8_scaled" keeps the
+    blocks' Linear weights in fp8 and computes in the "default" dtype; "auto" lets the core
+    follow the file (fp8 for pre-quantised files).
+    """
+    if choice == "auto":
+        return resolve_weight_dtype("default", device), "auto"
+    if choice == "fp8_scaled":
+        return resolve_weight_dtype("default", device), "fp8_scaled"
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"StepVideo: unknown weight_dtype {choice!r}; expected one of {list(WEIGHT_CHOICES)}")
+    return resolve_weight_dtype(choice, device), "full"
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -61,10 +82,15 @@ def summarize(handle: StepVideoModelHandle, name: str, seconds: float) -> str:
     cfg = handle.config
     heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
     dtype = str(handle.dtype).replace("torch.", "")
+    if handle.weight_format == "fp8_scaled":
+        dtype = f"fp8_scaled blocks, compute {dtype}"
+    stored = sum(t.numel() * t.element_size() for t in (*handle.transformer.parameters(),
+                                                         *handle.transformer.buffers()))
     return "\n".join([
         f"Step-Video DiT: {name}",
         f"{cfg.num_layers} layers, width {heads * head_dim} ({heads} heads x {head_dim})",
-        f"{format_count(handle.transformer.num_parameters())} parameters, {dtype}",
+        f"{format_count(handle.transformer.num_parameters())} parameters, {dtype} ({stored / 1e9:.2f} GB)",
+        f"blocks on device: {handle.blocks_on_device}",
         f"weights on {handle.offload_device}, compute on {handle.device}",
         f"attention {handle.attention}, loaded in {seconds:.1f} s",
     ])
@@ -91,20 +117,29 @@ class StepVideoModelLoader:
                     "tooltip": "An official stepvideo-t2v folder (or its transformer/ subfolder) "
                                "or a single .safetensors file under models/diffusion_models.",
                 }),
-                "weight_dtype": (list(WEIGHT_DTYPES), {
-                    "default": "default",
-                    "tooltip": "default = bf16 on CUDA, fp32 on CPU.",
+                "weight_dtype": (list(WEIGHT_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "auto = fp8_scaled for pre-quantised fp8 files, else default. "
+                               "default = bf16 on CUDA, fp32 on CPU. fp8_scaled = block weights in fp8 "
+                               "with per-channel scales (half the memory; quantised while loading a "
+                               "bf16 checkpoint), computing in the default dtype.",
                 }),
                 "attention": (list(BACKENDS), {
                     "default": DEFAULT_ATTENTION,
                     "tooltip": "sdpa runs everywhere; auto picks the fastest installed kernel "
                                "(sageattention, flash_attn) that can run.",
                 }),
+                "blocks_on_device": (list(BLOCK_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "Transformer blocks kept on the GPU while sampling; the others are "
+                               "streamed from RAM. auto = the most that fit the free VRAM (planned "
+                               "per run from size and frames); all = no streaming.",
+                }),
             }
         }
 
     @classmethod
-    def IS_CHANGED(cls, model, weight_dtype, attention):
+    def IS_CHANGED(cls, model, weight_dtype, attention, blocks_on_device="auto"):
         """Return a fingerprint of the checkpoint's files (names, sizes, mtimes).
 
         Re-saving the weights under the same name makes ComfyUI reload them. A missing
@@ -116,20 +151,24 @@ class StepVideoModelLoader:
         except OSError:
             return float("nan")
 
-    def load(self, model, weight_dtype, attention):
+    def load(self, model, weight_dtype, attention, blocks_on_device="auto"):
         """Return the UI summary and a :class:`StepVideoModelHandle` for entry `model`."""
         path = bridge.resolve_model_path(DIT_FOLDER, model)
         device, offload = bridge.torch_device(), bridge.offload_device()
-        dtype = resolve_weight_dtype(weight_dtype, device)
+        dtype, weight_format = resolve_weight_choice(weight_dtype, device)
         check_backend(attention, device, dtype)
+        if str(blocks_on_device) not in BLOCK_CHOICES:
+            raise ValueError(f"StepVideo: blocks_on_device must be 'auto', 'all' or 0-48, got {blocks_on_device!r}")
 
         start = time.perf_counter()
-        transformer = load_transformer(path, dtype=dtype, device=offload, attention=attention)
+        transformer = load_transformer(path, dtype=dtype, device=offload, attention=attention,
+                                       weight_format=weight_format)
         seconds = time.perf_counter() - start
 
         handle = StepVideoModelHandle(
             transformer=transformer, dtype=dtype, device=device, offload_device=offload,
-            attention=attention, source=path,
+            attention=attention, source=path, weight_format=transformer.weight_format,
+            blocks_on_device=str(blocks_on_device),
         )
         summary = summarize(handle, model, seconds)
         log.info(summary.replace("\n", "; "))

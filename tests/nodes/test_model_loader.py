@@ -102,7 +102,7 @@ def test_input_types_offer_dtypes_and_backends(model_mod):
 
     attention = import_module(model_mod.__name__.rsplit(".", 2)[0] + ".stepvideo_core.attention")
     required = model_mod.StepVideoModelLoader.INPUT_TYPES()["required"]
-    assert required["weight_dtype"][0] == ["default", "bf16", "fp16", "fp32"]
+    assert required["weight_dtype"][0] == ["auto", "default", "bf16", "fp16", "fp32", "fp8_scaled"]
     assert required["attention"][0] == list(attention.BACKENDS)
     assert required["attention"][1]["default"] in attention.available_backends()
 
