@@ -9,9 +9,13 @@ checkpoints.  Weights are random but deterministic for a given seed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -260,3 +264,217 @@ def write_tiny_text_encoders(directory, seed: int = 0, clip_weights: str = "safe
     write_tiny_step_llm(directory / "step_llm", seed=seed)
     write_tiny_hunyuan_clip(directory / "hunyuan_clip", seed=seed, weights=clip_weights)
     return directory
+
+
+
+# --------------------------------------------------------------------------- VAE
+
+# Same shape family as the official VAE parity fixture (tests/fixtures/stepvideo_vae_tiny.safetensors).
+TINY_VAE_CONFIG = dict(z_channels=8, enc_ch=32, enc_ch_mult=(1, 1, 1, 1), dec_ch=32, dec_ch_mult=(1, 1, 1, 1),
+                       num_res_blocks=2)
+
+
+def tiny_vae_state_dict(config: Optional[Mapping] = None, seed: int = 0,
+                        dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Random VAE v2 weights under the *on-disk* names of ``vae_v2.safetensors`` (default: tiny config)."""
+    from .vae import build_vae
+    from .vae.loader import to_disk_name
+
+    model = build_vae(dict(TINY_VAE_CONFIG) if config is None else config, device="meta")
+    shapes = {to_disk_name(k): v.shape for k, v in model.state_dict().items()}
+    return random_state_dict(shapes, seed, dtype or torch.float32)
+
+
+def write_tiny_vae(directory, seed: int = 0, config: Optional[Mapping] = None, layout: str = "official",
+                   prefix: str = "", state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """A tiny random VAE v2 file (fp32 like the release); returns its path.
+
+    layout "official": ``<dir>/vae/vae_v2.safetensors``; "single": ``<dir>/stepvideo_vae.safetensors``.
+    Keys get ``prefix`` (e.g. ``"vae."``); ``state_dict`` (on-disk names) replaces the random weights.
+    """
+    weights = tiny_vae_state_dict(config, seed) if state_dict is None else state_dict
+    directory = Path(directory)
+    if layout == "official":
+        path = directory / "vae" / "vae_v2.safetensors"
+    elif layout == "single":
+        path = directory / "stepvideo_vae.safetensors"
+    else:
+        raise ValueError(f"layout must be 'official' or 'single', got {layout!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- a whole tiny release
+
+# A tiny stepvideo-t2v whose parts fit together: the DiT's latent channels are the VAE's z
+# channels, its caption_channels [96, 48] the Step-LLM and CLIP widths above.
+TINY_RELEASE_DIT_CONFIG = dict(TINY_DIT_CONFIG, in_channels=TINY_VAE_CONFIG["z_channels"],
+                               out_channels=TINY_VAE_CONFIG["z_channels"])
+# Bump when the files write_tiny_release produces change for the same configs (invalidates caches).
+TINY_RELEASE_FORMAT = 1
+RELEASE_DIR = "stepvideo-t2v"
+CACHE_ENV = "STEPVIDEO_CACHE"
+_COMPLETE = "tiny-release.json"
+
+
+def tiny_release_key(seed: int = 0) -> str:
+    """Short hash naming one tiny release: configs, tokenizer corpus, seed and file format version."""
+    spec = dict(format=TINY_RELEASE_FORMAT, seed=seed, dit=TINY_RELEASE_DIT_CONFIG, vae=TINY_VAE_CONFIG,
+                llm=TINY_LLM_CONFIG, clip=TINY_CLIP_CONFIG, corpus=TINY_TEXT_CORPUS, torch=torch.__version__)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def write_tiny_release(directory, seed: int = 0) -> Path:
+    """A complete tiny ``stepvideo-t2v`` release in ``directory``; returns ``directory``.
+
+    The official layout: ``transformer/`` (config.json + shards + index), ``vae/vae_v2.safetensors``,
+    ``step_llm/`` and ``hunyuan_clip/``, mutually consistent (see :data:`TINY_RELEASE_DIT_CONFIG`).
+    Random weights: every loader and the whole pipeline run on it, the video is noise.
+    """
+    directory = Path(directory)
+    write_tiny_dit(directory, layout="official", seed=seed, config=TINY_RELEASE_DIT_CONFIG)
+    write_tiny_vae(directory, seed=seed)
+    write_tiny_text_encoders(directory, seed=seed)
+    return directory
+
+
+def default_cache_dir() -> Path:
+    """Where cached tiny releases live: ``$STEPVIDEO_CACHE``, else ``~/.cache/stepvideo``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "stepvideo"
+
+
+def cached_tiny_release(cache_dir=None, seed: int = 0) -> tuple[Path, bool]:
+    """The tiny release under ``<cache>/tiny-<key>/stepvideo-t2v``, written on first use; returns (path, created).
+
+    Exists so the CLI runs with no model download.  The files are written into a
+    temporary folder next to the final one and renamed into place once complete,
+    so an interrupted or concurrent first run never leaves a half-written release.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = cache / f"tiny-{tiny_release_key(seed)}"
+    if (final / _COMPLETE).is_file():
+        return final / RELEASE_DIR, False
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
+    try:
+        write_tiny_release(tmp / RELEASE_DIR, seed=seed)
+        (tmp / _COMPLETE).write_text(json.dumps({"key": tiny_release_key(seed), "seed": seed,
+                                                 "note": "tiny random Step-Video-T2V for smoke tests"}, indent=2))
+        if final.exists():  # a leftover without the marker (ours are renamed complete, so it is foreign/partial)
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / _COMPLETE).is_file():  # not a lost race with another writer: a real error
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / RELEASE_DIR, True
+
+
+# --------------------------------------------------------------------------- LoRA adapters
+
+# How trainers name the layers of block N; "official" = our module names (fused q/k/v).
+# Each style maps a role to the trainer's name: the self-/cross-attention modules and q/k/v/out projections.
+TINY_LORA_STYLES = {
+    "official": dict(block="transformer_blocks", self="attn1", cross="attn2", q=None, k=None, v=None, o="wo"),
+    "diffusers": dict(block="transformer_blocks", self="attn1", cross="attn2", q="to_q", k="to_k", v="to_v",
+                      o="to_out.0"),
+    "proj": dict(block="blocks", self="self_attn", cross="cross_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj"),
+    "w": dict(block="transformer_blocks", self="attn", cross="attn_2", q="wq", k="wk", v="wv", o="wo"),
+}
+# Layers outside the blocks that every tiny adapter also changes (official names in every style).
+TINY_LORA_EXTRA = ("proj_out", "adaln_single.linear", "caption_projection.linear_1", "clip_projection",
+                   "adaln_single.emb.timestep_embedder.linear_1")
+LORA_KEY_FORMATS = ("peft", "kohya", "comfy")
+
+
+def tiny_lora_layers(config: Optional[Mapping] = None, style: str = "diffusers") -> list[tuple]:
+    """(trainer module name, official module, row part) for every layer a tiny adapter of ``style`` changes.
+
+    ``row part`` is None for a whole layer, else ``(index, parts)``: the q/k/v part of a
+    head-interleaved fused projection (self-attention wqkv: q 0, k 1, v 2 of 3; cross-attention
+    wkv: k 0, v 1 of 2), as reference section 2.3 lays them out.
+    """
+    config = dict(config or TINY_DIT_CONFIG)
+    names = TINY_LORA_STYLES[style]
+    out = []
+    for n in range(config["num_layers"]):
+        ours = f"transformer_blocks.{n}"
+        theirs = f"{names['block']}.{n}"
+        sa, ca = f"{theirs}.{names['self']}", f"{theirs}.{names['cross']}"
+        if names["q"] is None:
+            out += [(f"{sa}.wqkv", f"{ours}.attn1.wqkv", None), (f"{ca}.wq", f"{ours}.attn2.wq", None),
+                    (f"{ca}.wkv", f"{ours}.attn2.wkv", None)]
+        else:
+            out += [(f"{sa}.{names[p]}", f"{ours}.attn1.wqkv", (i, 3)) for i, p in enumerate("qkv")]
+            out += [(f"{ca}.{names['q']}", f"{ours}.attn2.wq", None)]
+            out += [(f"{ca}.{names[p]}", f"{ours}.attn2.wkv", (i, 2)) for i, p in enumerate("kv")]
+        out += [(f"{sa}.{names['o']}", f"{ours}.attn1.wo", None), (f"{ca}.{names['o']}", f"{ours}.attn2.wo", None),
+                (f"{theirs}.ff.net.0.proj", f"{ours}.ff.net.0.proj", None),
+                (f"{theirs}.ff.net.2", f"{ours}.ff.net.2", None)]
+    out += [(name, name, None) for name in TINY_LORA_EXTRA]
+    return out
+
+
+def tiny_lora(config: Optional[Mapping] = None, style: str = "diffusers", keys: str = "peft", rank: int = 4,
+              alpha: Optional[float] = None, seed: int = 0, prefix: str = "",
+              dtype: torch.dtype = torch.float32) -> tuple[dict, list[dict]]:
+    """A random LoRA for the tiny DiT: (state dict in the ``keys`` format, truth).
+
+    ``keys``: "peft" (``<prefix><module>.lora_A.weight`` / ``lora_B``; alpha lives in
+    adapter_config.json, see :func:`write_tiny_lora`), "kohya" (``lora_unet_<module with
+    underscores>.lora_down.weight`` / ``lora_up`` / ``alpha``) or "comfy" (``<prefix><module>.lora_down.weight``
+    / ``lora_up`` / ``alpha``).  ``truth`` has one dict per layer: official ``module``,
+    ``part`` (see :func:`tiny_lora_layers`), ``down`` [r, in], ``up`` [rows, r] (fp32) and
+    ``scale`` (alpha / rank, 1 without alpha) -- what a correct loader must add.
+    """
+    if keys not in LORA_KEY_FORMATS:
+        raise ValueError(f"keys must be one of {LORA_KEY_FORMATS}, got {keys!r}")
+    config = dict(config or TINY_DIT_CONFIG)
+    shapes = {k[:-len(".weight")]: tuple(v.shape) for k, v in build_transformer(config, device="meta").state_dict().items()
+              if k.endswith(".weight")}
+    gen = torch.Generator().manual_seed(seed)
+    state, truth = {}, []
+    for name, module, part in tiny_lora_layers(config, style):
+        rows, cols = shapes[module]
+        if part is not None:
+            rows //= part[1]
+        down = (torch.randn(rank, cols, generator=gen) / cols ** 0.5).to(dtype)
+        up = (torch.randn(rows, rank, generator=gen) * 0.05).to(dtype)
+        scale = 1.0 if alpha is None else alpha / rank
+        truth.append(dict(module=module, part=part, down=down.float(), up=up.float(), scale=scale))
+        if keys == "peft":
+            state[f"{prefix}{name}.lora_A.weight"] = down
+            state[f"{prefix}{name}.lora_B.weight"] = up
+            continue
+        stem = "lora_unet_" + name.replace(".", "_") if keys == "kohya" else prefix + name
+        state[f"{stem}.lora_down.weight"] = down
+        state[f"{stem}.lora_up.weight"] = up
+        if alpha is not None:
+            state[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return state, truth
+
+
+def write_tiny_lora(path, **kwargs) -> tuple[Path, list[dict]]:
+    """Write :func:`tiny_lora` to disk; returns (path to give the loader, truth).
+
+    "peft" keys with an ``alpha`` become a PEFT folder (``path`` is then a folder holding
+    ``adapter_model.safetensors`` + ``adapter_config.json`` with ``r`` and ``lora_alpha``);
+    everything else one .safetensors file at ``path``.
+    """
+    state, truth = tiny_lora(**kwargs)
+    path = Path(path)
+    if kwargs.get("keys", "peft") == "peft" and kwargs.get("alpha") is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (path / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": kwargs.get("rank", 4), "lora_alpha": kwargs["alpha"],
+             "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _, _ in
+                                       tiny_lora_layers(kwargs.get("config"), kwargs.get("style", "diffusers"))})},
+            indent=2))
+        return path, truth
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path, truth

@@ -1,0 +1,217 @@
+"""Which tensor of the DiT -- and which rows of it -- a trainer's module name means.
+
+Our modules carry the official checkpoint names.  Trainers often name the same
+layers differently, and some of them train separate q/k/v projections where the
+DiT has fused ones.  This module builds the table that resolves every accepted
+name to a :class:`Target`: the DiT module whose weight changes, plus a
+:class:`Slot` when only the rows of one of q/k/v are meant.
+
+Fused layouts (reference section 2.3, head_dim 128, H heads):
+
+* ``attn1.wqkv`` [3D, D]: rows are grouped per head, ``[q_h | k_h | v_h]``, i.e. the
+  output viewed as [H, 3, 128]; q of head h is rows [384h, 384h+128).
+* ``attn2.wkv`` [2D, D]: ``[k_h | v_h]`` per head, viewed as [H, 2, 128].
+
+A split projection (``to_k``: [D, D], head h at rows [128h, 128h+128)) therefore
+lands in the fused weight as ``W.view(H, parts, 128, D)[:, index] += dW.view(H, 128, D)``
+-- that is all a :class:`Slot` does, for weights and for layer outputs alike.
+
+Accepted names inside block ``N`` (``transformer_blocks.N`` or ``blocks.N``):
+
+=============================  =========================================================
+self-attention module           ``attn1``, ``self_attn``, ``attn``
+cross-attention module          ``attn2``, ``cross_attn``, ``attn_2``
+q / k / v (split)               ``to_q``/``to_k``/``to_v``, ``q_proj``/``k_proj``/``v_proj``,
+                                ``wq``/``wk``/``wv``, ``q``/``k``/``v``
+fused (our layout only)         ``attn1.wqkv``, ``attn2.wkv``
+output projection               ``wo``, ``to_out.0``, ``o_proj``, ``out_proj``, ``o``
+feed-forward                    ``ff.net.0.proj``, ``ff.net.2``
+=============================  =========================================================
+
+Everything else (norms, modulation tables, projections outside the blocks) is
+accepted under its own module or parameter name.  Names such as ``to_qkv`` or
+``qkv`` are *not* accepted: trainers usually stack all q rows, then all k rows,
+then all v rows, which is not our head-interleaved layout, and guessing would
+apply a silently wrong update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+BLOCK_PREFIXES = ("transformer_blocks", "blocks")
+SELF_ATTENTION = ("attn1", "self_attn", "attn")
+CROSS_ATTENTION = ("attn2", "cross_attn", "attn_2")
+SPLIT_NAMES = {
+    "q": ("to_q", "q_proj", "wq", "q"),
+    "k": ("to_k", "k_proj", "wk", "k"),
+    "v": ("to_v", "v_proj", "wv", "v"),
+}
+OUT_NAMES = ("wo", "to_out.0", "o_proj", "out_proj", "o")
+FUSED_PARTS = {"wqkv": ("q", "k", "v"), "wkv": ("k", "v")}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The rows of a head-interleaved fused projection that belong to one of q/k/v.
+
+    The layer's output (and its weight's rows) is viewed as [heads, parts, head_dim];
+    this slot is ``[:, index, :]``.  ``name`` is "q", "k" or "v" (for messages).
+    """
+
+    name: str
+    parts: int
+    index: int
+    head_dim: int
+
+    def rows(self, fused_rows: int) -> int:
+        """Number of rows this slot covers in a fused layer with ``fused_rows`` rows."""
+        return fused_rows // self.parts
+
+    def of_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A view [heads, head_dim, *rest] of this slot's rows of a fused ``weight`` [rows, *rest]."""
+        shaped = weight.unflatten(0, (-1, self.parts, self.head_dim))
+        return shaped.select(1, self.index)
+
+    def of_output(self, out: torch.Tensor) -> torch.Tensor:
+        """A view [..., heads, head_dim] of this slot's channels of a fused layer's output [..., rows]."""
+        shaped = out.unflatten(-1, (-1, self.parts, self.head_dim))
+        return shaped.select(-2, self.index)
+
+    def describe(self) -> str:
+        """E.g. "k rows (head-interleaved, 2 parts)" for messages."""
+        return f"{self.name} rows of the head-interleaved fused layer"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A tensor a patch changes: module ``module`` (qualified name), its parameter ``leaf``
+    ("weight" for LoRA and ``.diff``; other parameters only through ``.diff``), optionally a slot."""
+
+    module: str
+    leaf: str = "weight"
+    slot: Optional[Slot] = None
+
+    @property
+    def block(self) -> Optional[int]:
+        """Transformer block index, or None for layers outside the blocks."""
+        parts = self.module.split(".")
+        if len(parts) > 1 and parts[0] == "transformer_blocks" and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+    def describe(self) -> str:
+        """Human description: module (and slot) for messages and reports."""
+        where = self.module if self.leaf == "weight" else f"{self.module}.{self.leaf}"
+        return where if self.slot is None else f"{where} ({self.slot.describe()})"
+
+
+def _block_aliases(index: int, block: nn.Module) -> Iterator[tuple[str, Target]]:
+    """(alias name relative to the model, target) for the attention/FFN layers of block ``index``."""
+    base = f"transformer_blocks.{index}"
+    head_dim = block.attn1.head_dim
+    for prefix in BLOCK_PREFIXES:
+        here = f"{prefix}.{index}"
+        for attn_names, real, fused in ((SELF_ATTENTION, "attn1", "wqkv"), (CROSS_ATTENTION, "attn2", "wkv")):
+            parts = FUSED_PARTS[fused]
+            for attn in attn_names:
+                at = f"{here}.{attn}"
+                yield f"{at}.{fused}", Target(f"{base}.{real}.{fused}")
+                for out in OUT_NAMES:
+                    yield f"{at}.{out}", Target(f"{base}.{real}.wo")
+                for part, names in SPLIT_NAMES.items():
+                    for name in names:
+                        if part in parts:
+                            slot = Slot(part, len(parts), parts.index(part), head_dim)
+                            yield f"{at}.{name}", Target(f"{base}.{real}.{fused}", slot=slot)
+                        else:  # cross-attention q is its own layer
+                            yield f"{at}.{name}", Target(f"{base}.{real}.wq")
+        for sub, module in block.named_modules():
+            if "weight" not in module._parameters:
+                continue
+            if not sub.startswith(("attn1.", "attn2.")):
+                yield f"{here}.{sub}", Target(f"{base}.{sub}")
+            elif sub.endswith("_norm"):  # q_norm / k_norm under every attention alias
+                real, norm = sub.split(".")
+                for attn in (SELF_ATTENTION if real == "attn1" else CROSS_ATTENTION):
+                    yield f"{here}.{attn}.{norm}", Target(f"{base}.{sub}")
+        for name, _ in block.named_parameters(recurse=False):
+            yield f"{here}.{name}", Target(base, leaf=name)
+
+
+class TargetTable:
+    """Every accepted name (dotted, and its kohya underscore spelling) -> :class:`Target` for one model.
+
+    Built from the model's real module names, so names that contain underscores
+    themselves (``adaln_single``, ``linear_1``) resolve correctly from kohya keys.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.dotted: dict[str, Target] = {}
+        blocks = getattr(model, "transformer_blocks", None)
+        block_ids = {id(b) for b in blocks} if blocks is not None else set()
+        self.num_blocks = len(blocks) if blocks is not None else 0
+        for name, module in model.named_modules():
+            if not name or id(module) in block_ids or name == "transformer_blocks":
+                continue
+            if name.startswith("transformer_blocks."):
+                continue  # block internals come from the alias generator below
+            for leaf, _ in module.named_parameters(recurse=False):
+                if leaf == "weight":
+                    self.dotted.setdefault(name, Target(name))
+                elif leaf != "bias":  # biases change through ``<module>.diff_b``
+                    self.dotted.setdefault(f"{name}.{leaf}", Target(name, leaf=leaf))
+        for leaf, _ in model.named_parameters(recurse=False):
+            self.dotted.setdefault(leaf, Target("", leaf=leaf))
+        for index, block in enumerate(blocks or ()):
+            for alias, target in _block_aliases(index, block):
+                self.dotted.setdefault(alias, target)
+        self.underscored: dict[str, Optional[Target]] = {}
+        for name, target in self.dotted.items():
+            key = name.replace(".", "_")
+            previous = self.underscored.get(key, target)
+            # two different targets with one underscore spelling: ambiguous, refuse rather than guess
+            self.underscored[key] = target if previous == target else None
+
+    def lookup(self, name: str, underscored: bool = False) -> tuple[Optional[Target], str]:
+        """(target, "") for an accepted name, else (None, reason) -- reason says why, for the report."""
+        table = self.underscored if underscored else self.dotted
+        if name in table:
+            target = table[name]
+            if target is None:
+                return None, "ambiguous underscore name (matches two different layers)"
+            return target, ""
+        block = _block_index(name, underscored)
+        if block is not None and block >= self.num_blocks:
+            return None, f"block {block} does not exist (the model has {self.num_blocks} blocks)"
+        return None, "no such layer in the Step-Video DiT"
+
+
+def _block_index(name: str, underscored: bool) -> Optional[int]:
+    """The block number a (possibly underscored) name refers to, if it names a block."""
+    sep = "_" if underscored else "."
+    for prefix in BLOCK_PREFIXES:
+        head = prefix + sep
+        if name.startswith(head):
+            digits = name[len(head):].split(sep, 1)[0]
+            if digits.isdigit():
+                return int(digits)
+    return None
+
+
+def resolve_module(model: nn.Module, target: Target) -> nn.Module:
+    """The module a target names (the model itself for top-level parameters)."""
+    return model.get_submodule(target.module) if target.module else model
+
+
+def target_shape(model: nn.Module, target: Target) -> tuple:
+    """Shape of the tensor region a patch for ``target`` must have (slot rows when sliced)."""
+    tensor = getattr(resolve_module(model, target), target.leaf)
+    shape = tuple(tensor.shape)
+    if target.slot is not None:
+        shape = (target.slot.rows(shape[0]),) + shape[1:]
+    return shape
