@@ -1,8 +1,8 @@
 """ComfyUI nodes of the StepVideo pack: one module per node family, merged here."""
 
-from . import model, sampler, text, vae
+from . import lora, model, sampler, text, vae
 
-_FAMILIES = (model, text, vae, sampler)
+_FAMILIES = (model, text, vae, sampler, lora)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,129 @@
+"""StepVideoLoraLoader without ComfyUI: folder listing, validation at load, stacking, report, and the sampler
+running the stack (output changes, base weights bit-identical afterwards)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stepvideo_core.tiny import write_tiny_lora
+from tests.core.lora.conftest import same, snapshot
+from tests.core.sampling.conftest import conditioning, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is as fast, and far faster when other test runs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def lora_mod(pack, bridge):
+    return sys.modules[f"{pack.__name__}.nodes.lora"]
+
+
+@pytest.fixture
+def sampler_mod(pack, bridge):
+    return sys.modules[f"{pack.__name__}.nodes.sampler"]
+
+
+@pytest.fixture(scope="module")
+def dit(one_thread):
+    return tiny_model(torch.float32)
+
+
+@pytest.fixture
+def base(pack, dit):
+    types_mod = sys.modules[f"{pack.__name__}.nodes.types"]
+    return types_mod.StepVideoModelHandle(transformer=dit, dtype=torch.float32, device=torch.device("cpu"),
+                                          offload_device=torch.device("cpu"), attention="sdpa", source=Path("tiny"))
+
+
+@pytest.fixture
+def loras(models_dir):
+    folder = models_dir / "loras"
+    write_tiny_lora(folder / "style" / "split_kohya.safetensors", style="diffusers", keys="kohya", alpha=2.0)
+    write_tiny_lora(folder / "fused_comfy.safetensors", style="official", keys="comfy", seed=3,
+                    prefix="diffusion_model.")
+    write_tiny_lora(folder / "peft", style="proj", keys="peft", alpha=8.0, prefix="transformer.")
+    save_file({"double_blocks.0.img_attn_qkv.lora_down.weight": torch.zeros(4, 8),
+               "double_blocks.0.img_attn_qkv.lora_up.weight": torch.zeros(8, 4)}, str(folder / "hunyuan.safetensors"))
+    return folder
+
+
+def load(lora_mod, model, name, strength=1.0, mode="auto", blocks=""):
+    out = lora_mod.StepVideoLoraLoader().load(model=model, lora_name=name, strength=strength, mode=mode, blocks=blocks)
+    (handle,) = out["result"]
+    return handle, out["ui"]["text"][0]
+
+
+def test_registered_with_its_inputs(pack, loras):
+    cls = pack.NODE_CLASS_MAPPINGS["StepVideoLoraLoader"]
+    required = cls.INPUT_TYPES()["required"]
+    assert required["model"][0] == "STEPVIDEO_MODEL" and cls.RETURN_TYPES == ("STEPVIDEO_MODEL",)
+    assert required["lora_name"][0] == ["fused_comfy.safetensors", "hunyuan.safetensors",
+                                        "peft/adapter_model.safetensors", "style/split_kohya.safetensors"]
+    strength = required["strength"][1]
+    assert (strength["default"], strength["min"], strength["max"]) == (1.0, -10.0, 10.0)
+    assert required["mode"][0] == ["auto", "merge", "on_the_fly"] and required["blocks"][0] == "STRING"
+
+
+def test_loader_returns_a_new_handle_sharing_the_weights_and_reports(lora_mod, base, loras):
+    handle, text = load(lora_mod, base, "style/split_kohya.safetensors", strength=0.5)
+    assert handle is not base and handle.transformer is base.transformer and base.adapters == ()
+    (entry,) = handle.adapters
+    assert entry.strength == 0.5 and entry.mode == "auto" and entry.blocks is None
+    n = len(entry.adapter.matched)
+    assert "kohya/musubi" in text and f"{n} of {n} tensors matched" in text and "NOT matched" not in text
+    assert "strength 0.5, mode auto" in text and "streamed blocks" in text
+
+
+def test_chained_loaders_stack_and_peft_folders_use_their_config(lora_mod, base, loras):
+    one, _ = load(lora_mod, base, "fused_comfy.safetensors", mode="merge")
+    two, text = load(lora_mod, one, "peft/adapter_model.safetensors", strength=-1.0, mode="on_the_fly", blocks="1")
+    assert [e.adapter.name for e in two.adapters] == ["fused_comfy.safetensors", "peft/adapter_model.safetensors"]
+    assert two.adapters[0] is one.adapters[0] and len(one.adapters) == 1
+    assert {p.scale for p in two.adapters[1].adapter.patches} == {2.0}  # lora_alpha 8 / r 4
+    assert "model carries 2 LoRA(s)" in text and "blocks 1:" in text
+
+
+def test_zero_matches_fails_in_the_loader(lora_mod, base, loras):
+    with pytest.raises(ValueError, match="matched none of its 2 tensors"):  # a LoraError (of the pack's copy)
+        load(lora_mod, base, "hunyuan.safetensors")
+
+
+def test_bad_block_filters_fail_in_the_loader(lora_mod, base, loras):
+    with pytest.raises(ValueError, match="outside the model's blocks 0-1"):
+        load(lora_mod, base, "fused_comfy.safetensors", blocks="0-5")
+    with pytest.raises(FileNotFoundError):
+        load(lora_mod, base, "missing.safetensors")
+
+
+def test_cache_follows_the_file(lora_mod, base, loras):
+    first = load(lora_mod, base, "fused_comfy.safetensors")[0].adapters[0].adapter
+    again = load(lora_mod, base, "fused_comfy.safetensors", strength=0.3)[0].adapters[0].adapter
+    assert again is first
+    write_tiny_lora(loras / "fused_comfy.safetensors", style="official", keys="comfy", seed=4, rank=2)
+    changed = load(lora_mod, base, "fused_comfy.safetensors")[0].adapters[0].adapter
+    assert changed is not first and {p.rank for p in changed.patches} == {2}
+
+
+def test_sampler_applies_the_stack_and_leaves_the_base_untouched(lora_mod, sampler_mod, base, loras):
+    pos, neg = conditioning(1), conditioning(2)
+    args = dict(preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17, steps=2, cfg=0.0, shift=0.0, seed=3)
+    snap = snapshot(base.transformer)
+    plain = sampler_mod.StepVideoSampler().sample(model=base, positive=pos, negative=neg, **args)["result"][0]
+    merged_handle, _ = load(lora_mod, base, "style/split_kohya.safetensors", mode="merge")
+    hooked_handle, _ = load(lora_mod, base, "style/split_kohya.safetensors", mode="on_the_fly")
+    merged = sampler_mod.StepVideoSampler().sample(model=merged_handle, positive=pos, negative=neg, **args)["result"][0]
+    hooked = sampler_mod.StepVideoSampler().sample(model=hooked_handle, positive=pos, negative=neg, **args)["result"][0]
+    assert same(base.transformer, snap)
+    assert not torch.allclose(merged["samples"], plain["samples"], atol=1e-3)
+    torch.testing.assert_close(hooked["samples"], merged["samples"], rtol=1e-4, atol=1e-4)
