@@ -1,23 +1,72 @@
 """Command line: ``python -m stepvideo_core <command>``.
 
-``check``  loads a DiT through the real loader and runs one forward pass.  With
-           no ``--transformer`` it first writes a tiny random DiT in the official
-           folder layout to a temporary folder: a smoke test of the install,
-           not a real model.
+``generate``  prompt -> .mp4, headless: the same pipeline the nodes run
+              (:mod:`stepvideo_core.pipeline`).  ``--models DIR`` is the official
+              stepvideo-t2v release folder; without it a tiny random model in the
+              official layout is used (cached, see ``--cache``): a smoke test of
+              the install whose output is noise, not a real video.
+``check``     loads a DiT through the real loader and runs one forward pass.  With
+              no ``--transformer`` it first writes a tiny random DiT in the official
+              folder layout to a temporary folder: a smoke test of the install,
+              not a real model.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 import torch
 
+if TYPE_CHECKING:
+    from .pipeline import ModelFiles
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The tiny default renders this unless told otherwise: a few seconds on two CPU cores.
+TINY_DEFAULTS = dict(width=64, height=64, frames=17, steps=3)
+# The official size (544x992, 204 frames = 8 s at 25 fps).
+REAL_DEFAULTS = dict(width=992, height=544, frames=204, steps=None)
+SMOKE_TEST_NOTE = ("SMOKE TEST: no --models given, so this used the embedded tiny model (random weights in the "
+                   "official layout). The file shows that the install works; it is noise, not a real video.")
+
+
+class TextProgress:
+    """A one-line progress bar on a terminal stream (tqdm is not a dependency).
+
+    Called as ``bar(done, total)``.  On a terminal the line is redrawn in place
+    (``label [#####-----] 3/10 1.2 s``); into a file or pipe it writes a line at
+    each tenth of the way and at the end, so logs stay short.
+    """
+
+    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, width: int = 24):
+        self.label, self.total, self.width = label, max(int(total), 1), width
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self._last_tenth = -1
+
+    def __call__(self, done: int, total: Optional[int] = None) -> None:
+        total = max(int(total or self.total), 1)
+        done = min(int(done), total)
+        filled = self.width * done // total
+        line = (f"{self.label:<14} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} "
+                f"{time.perf_counter() - self.start:.1f} s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == total else ""))
+        elif done == total or 10 * done // total != self._last_tenth:
+            self._last_tenth = 10 * done // total
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def progress_factory(stream: Optional[TextIO] = None):
+    """The pipeline's ``progress(phase, total)`` hook: a new :class:`TextProgress` per phase."""
+    return lambda phase, total: TextProgress(phase, total, stream)
 
 
 def smoke_inputs(model, frames: int = 3, height: int = 4, width: int = 6, text_tokens: int = 12,
@@ -67,6 +116,122 @@ def check(transformer: Optional[str], dtype: torch.dtype, device: str, attention
     return 0 if finite else 1
 
 
+def model_files(args) -> "ModelFiles":
+    """The files to use: ``--models`` with overrides, or the cached tiny release (first run writes it)."""
+    from .pipeline import ModelFiles
+    from .tiny import cached_tiny_release
+
+    if args.models is None and args.transformer is None and args.vae is None and args.text_encoders is None:
+        start = time.perf_counter()
+        root, created = cached_tiny_release(args.cache)
+        print("No --models given: using the embedded tiny default (random weights in the official layout), "
+              f"{'written to' if created else 'cached in'} {root.parent}"
+              f"{f' in {time.perf_counter() - start:.1f} s' if created else ''}.")
+        print("  The output is a smoke test of the install, not a real video.")
+        return ModelFiles.from_release(root, tiny=True)
+    return ModelFiles.from_release(args.models, transformer=args.transformer, vae=args.vae,
+                                   text_encoders=args.text_encoders)
+
+
+def generate(args) -> int:
+    """``generate``: prompt -> mp4 through :class:`~stepvideo_core.pipeline.StepVideoPipeline`; returns an exit code."""
+    from .pipeline import StepVideoPipeline
+    from .text.encoder import NEGATIVE_PROMPT
+    from .video_io import DEFAULT_FPS, crop_to_540p, read_video_info, write_mp4
+
+    total_start = time.perf_counter()
+    files = model_files(args)
+    defaults = TINY_DEFAULTS if files.tiny else REAL_DEFAULTS
+    size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    device = torch.device(args.device) if args.device else None
+    pipe = StepVideoPipeline(files, device=device, dtype=None if args.dtype == "default" else DTYPES[args.dtype],
+                             weight_format=args.weights, attention=args.attention,
+                             blocks_on_device=args.blocks_on_device, text_plan=args.text_plan)
+    print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames on {pipe.device} "
+          f"({str(pipe.dtype).replace('torch.', '')}) -> {args.out}")
+    result = pipe.generate(args.prompt, NEGATIVE_PROMPT if args.negative is None else args.negative,
+                           add_magic=not args.no_magic, preset=args.preset, cfg=args.cfg, shift=args.shift,
+                           seed=args.seed, progress=progress_factory(), **size)
+    frames = crop_to_540p(result.frames) if args.crop_540p else result.frames
+    start = time.perf_counter()
+    out = write_mp4(args.out, frames, fps=args.fps or DEFAULT_FPS, crf=args.crf)
+    result.seconds["write"] = time.perf_counter() - start
+    info = read_video_info(out)
+    run = result.settings
+    print(f"Wrote {out}: {info['frames']} frames, {info['width']}x{info['height']}, {info['fps']:g} fps, "
+          f"{info['codec']} {info['pix_fmt']} ({info['frames'] / info['fps']:.2f} s of video)")
+    print(f"  {run['preset']}: {run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {run['seed']}; "
+          f"{result.plan['message']}")
+    print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+          + f"; total {time.perf_counter() - total_start:.1f} s")
+    if files.tiny:
+        print(SMOKE_TEST_NOTE)
+    return 0
+
+
+def _log_to(stream: TextIO) -> logging.Handler:
+    """Show the pack's INFO messages on ``stream`` for the run (plain text); returns the handler to remove."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("StepVideo")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def add_generate_parser(sub) -> None:
+    """The ``generate`` command's options."""
+    from .attention import BACKENDS
+    from .dit.loader import WEIGHT_FORMATS
+    from .text.streaming import PLANS
+
+    p = sub.add_parser("generate", help="prompt -> .mp4 (a tiny random model when no --models is given)",
+                       description="Generate a video headless, with the same pipeline as the ComfyUI nodes.")
+    p.add_argument("--prompt", required=True, help="what the video shows (Chinese, English or both)")
+    p.add_argument("--out", default="video.mp4", help="output .mp4 file (default: video.mp4)")
+    files = p.add_argument_group("model files (default: the embedded tiny smoke-test model)")
+    files.add_argument("--models", help="the official stepvideo-t2v release folder (transformer/, vae/, step_llm/, "
+                                        "hunyuan_clip/)")
+    files.add_argument("--transformer", help="DiT to use instead of <models>/transformer: a folder (e.g. "
+                                             "stepvideo-t2v-turbo's transformer/) or a .safetensors file (e.g. fp8)")
+    files.add_argument("--vae", help="VAE instead of <models>/vae/vae_v2.safetensors")
+    files.add_argument("--text-encoders", help="folder with step_llm/ and hunyuan_clip/ instead of <models>")
+    files.add_argument("--cache", help="where the tiny default is cached (default: $STEPVIDEO_CACHE or "
+                                       "~/.cache/stepvideo)")
+    run = p.add_argument_group("sampling (defaults: the preset's; size 992x544, 204 frames; tiny model: "
+                               "64x64, 17 frames, 3 steps)")
+    run.add_argument("--preset", default="base", help="base (Step-Video-T2V: 50 steps, cfg 9, shift 13) or turbo "
+                                                      "(Step-Video-T2V-Turbo: 15 steps, cfg 5, shift 17)")
+    run.add_argument("--width", type=int, help="multiple of 16")
+    run.add_argument("--height", type=int, help="multiple of 16")
+    run.add_argument("--frames", type=int, help="multiple of 17 (204 = 8 s at 25 fps)")
+    run.add_argument("--steps", type=int)
+    run.add_argument("--cfg", type=float, help="guidance scale; 1 = no guidance (negative prompt unused)")
+    run.add_argument("--shift", type=float, help="time shift of the schedule")
+    run.add_argument("--seed", type=int, default=1234, help="noise is drawn on the CPU: same video on every "
+                                                             "machine (default 1234)")
+    run.add_argument("--negative", help="negative prompt (default: the official one)")
+    run.add_argument("--no-magic", action="store_true", help="do not append the official quality suffix")
+    dev = p.add_argument_group("device and memory")
+    dev.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
+    dev.add_argument("--dtype", choices=["default", *sorted(DTYPES)], default="default",
+                     help="DiT and VAE compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    dev.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
+                     help="DiT block weights: auto (follow the file), full, fp8_scaled (half the memory)")
+    dev.add_argument("--blocks-on-device", default="auto",
+                     help="DiT blocks kept on the GPU: auto (planned from free memory), all, or a number; "
+                          "the others are streamed from RAM")
+    dev.add_argument("--attention", choices=BACKENDS, default="sdpa")
+    dev.add_argument("--text-plan", choices=PLANS, default="auto",
+                     help="text encoder placement: auto, resident, stream (layer by layer) or cpu")
+    vid = p.add_argument_group("video file")
+    vid.add_argument("--fps", type=float, help="frames per second (default 25, the official rate)")
+    vid.add_argument("--crf", type=int, help="H.264 quality, lower is better (default 23)")
+    vid.add_argument("--crop-540p", action="store_true",
+                     help="center-crop to 540x960 (960x540 portrait) like the official pipeline")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepvideo_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,15 +241,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_check.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p_check.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p_check.add_argument("--attention", default="sdpa")
+    add_generate_parser(sub)
     args = parser.parse_args(argv)
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
 
+    handler = _log_to(sys.stderr)
     try:
         if args.command == "check":
             return check(args.transformer, DTYPES[args.dtype], args.device, args.attention)
-    except (CheckpointError, AttentionBackendError) as exc:
+        if args.command == "generate":
+            return generate(args)
+    except (CheckpointError, AttentionBackendError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logging.getLogger("StepVideo").removeHandler(handler)
     return 2
 
 

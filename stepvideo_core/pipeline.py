@@ -1,0 +1,324 @@
+"""Text -> video without ComfyUI: the calls the nodes make, in one object.
+
+:class:`StepVideoPipeline` runs what a node graph runs, in the same order and
+through the same core functions: ``load_text_encoder`` + ``encode`` (the text
+nodes), ``load_transformer`` + the memory planner + ``sample`` (model loader and
+sampler nodes), ``load_vae`` + ``decode`` (VAE nodes).  Between the phases it
+frees what is no longer needed, so the 19.6B text encoder and the 30B DiT never
+sit in memory together.
+
+Everything is checked before any weight is read: the video size, the sampling
+settings, the attention backend and the model files (folder layout and file
+headers), so a typo costs a second, not a 40 GB load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from .attention import check_backend
+from .checkpoint import CheckpointError
+from .dit.loader import find_transformer_files, load_transformer
+from .memory import trim_host_heap
+from .offload.planner import auto_plan
+from .sampling import DEFAULT_PRESET, PRESETS, check_video_size, resolve_settings, sample
+from .text.encoder import NEGATIVE_PROMPT, load_text_encoder, resolve_text_encoder_dirs, with_magic
+from .text.llm_loader import find_step_llm_files
+from .text.streaming import PLANS
+from .text.tokenizer import find_tokenizer_file
+from .vae.loader import find_vae_file, load_vae
+from .video_io import official_to_uint8
+
+log = logging.getLogger("StepVideo")
+
+PathLike = Union[str, Path]
+# (phase, total) -> update(done, total); phases: "text encoders", "sampling", "VAE decode".
+ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
+PRESET_ALIASES = {"base": "Step-Video-T2V", "t2v": "Step-Video-T2V", "turbo": "Step-Video-T2V-Turbo"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+BLOCK_CHOICES_HELP = "'auto' (the memory planner decides), 'all', or a number of blocks"
+
+
+def resolve_preset(name: str) -> str:
+    """The preset key for ``name``: a key of PRESETS, or an alias (base, t2v, turbo), any case."""
+    for key in PRESETS:
+        if key.lower() == name.lower():
+            return key
+    if name.lower() in PRESET_ALIASES:
+        return PRESET_ALIASES[name.lower()]
+    raise ValueError(f"unknown preset {name!r}; expected one of {list(PRESETS)} or {sorted(PRESET_ALIASES)}")
+
+
+def default_device() -> torch.device:
+    """CUDA when available (the DiT computes there), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """bf16 on CUDA (what the official model runs in), fp32 elsewhere (CPU bf16 is slow) -- as the nodes."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def free_vram(device: torch.device) -> Optional[int]:
+    """Free bytes on a CUDA ``device`` after emptying torch's cache; None for other devices."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """Where each part of Step-Video-T2V is read from."""
+
+    transformer: Path
+    vae: Path
+    step_llm: Path
+    hunyuan_clip: Path
+    tiny: bool = False
+
+    @classmethod
+    def from_release(cls, root: Optional[PathLike] = None, *, transformer: Optional[PathLike] = None,
+                     vae: Optional[PathLike] = None, text_encoders: Optional[PathLike] = None,
+                     tiny: bool = False) -> "ModelFiles":
+        """Resolve the files of an official ``stepvideo-t2v`` release at ``root``, with overrides.
+
+        ``root`` holds ``transformer/``, ``vae/vae_v2.safetensors``, ``step_llm/`` and
+        ``hunyuan_clip/`` (or has a ``stepvideo-t2v/`` folder that does).  ``transformer``
+        replaces the DiT (a Turbo transformer folder, an fp8 single file...), ``vae`` the
+        VAE file, ``text_encoders`` the folder holding ``step_llm/`` and ``hunyuan_clip/``.
+        Only folder layouts and file headers are read.  Raises CheckpointError naming every
+        part that is missing.
+        """
+        base = None
+        if root is not None:
+            base = Path(root).expanduser()
+            if not base.is_dir():
+                raise CheckpointError(f"--models: no such folder: {base}")
+            if not (base / "transformer").is_dir() and (base / "stepvideo-t2v").is_dir():
+                base = base / "stepvideo-t2v"
+        problems, found = [], {}
+        parts = {"transformer": transformer, "vae": vae, "text_encoders": text_encoders}
+        for name, override in parts.items():
+            where = Path(override).expanduser() if override is not None else base
+            if where is None:
+                problems.append(f"{name}: not given (pass --models with the stepvideo-t2v release folder, "
+                                f"or --{name.replace('_', '-')})")
+                continue
+            try:
+                if name == "transformer":
+                    find_transformer_files(where)
+                    found[name] = where
+                elif name == "vae":
+                    found[name] = find_vae_file(where)
+                else:
+                    found["step_llm"], found["hunyuan_clip"] = resolve_text_encoder_dirs(where)
+                    find_step_llm_files(found["step_llm"])
+                    find_tokenizer_file(found["step_llm"])
+            except CheckpointError as exc:
+                problems.append(f"{name}: {exc}")
+        if problems:
+            raise CheckpointError("model files not usable:\n  " + "\n  ".join(problems))
+        return cls(transformer=found["transformer"], vae=found["vae"], step_llm=found["step_llm"],
+                   hunyuan_clip=found["hunyuan_clip"], tiny=tiny)
+
+
+def plan_blocks(config, *, device: torch.device, compute_dtype: torch.dtype, weight_format: str, attention: str,
+                width: int, height: int, frames: int, guided: bool, blocks_on_device: Union[str, int] = "auto",
+                free_bytes: Optional[int] = None) -> dict:
+    """How this run places the DiT's blocks: the planner's dict (``blocks_on_device``, ``batch_cfg``, ``message``...).
+
+    Same rule as the sampler node: on the CPU, or with "all", every block stays where
+    the weights are; on a GPU the planner fits ``blocks_on_device`` ("auto" or a number)
+    into ``free_bytes`` (default: the device's free memory).
+    """
+    layers = config.num_layers
+    choice = str(blocks_on_device)
+    if device.type == "cpu" or choice == "all":
+        return {"blocks_on_device": layers, "batch_cfg": True, "fits": True, "streamed_blocks": 0,
+                "message": f"all {layers} blocks on {device}"}
+    if choice != "auto" and not choice.isdigit():
+        raise ValueError(f"blocks_on_device must be {BLOCK_CHOICES_HELP}, got {blocks_on_device!r}")
+    if free_bytes is None:
+        free_bytes = free_vram(device)
+    fmt = "fp8_scaled" if weight_format == "fp8_scaled" else DTYPE_NAMES[compute_dtype]
+    return auto_plan(width, height, frames, free_bytes=1 << 62 if free_bytes is None else free_bytes,
+                     guided=guided, weight_format=fmt, attention=attention,
+                     compute_dtype=DTYPE_NAMES[compute_dtype], config=config.to_dict(),
+                     blocks_on_device="auto" if choice == "auto" else int(choice))
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One generated video: ``frames`` uint8 ``[T, H, W, 3]`` plus what produced it."""
+
+    frames: torch.Tensor
+    settings: dict
+    plan: dict
+    seconds: dict
+    notes: list
+
+
+class StepVideoPipeline:
+    """Prompt -> frames with Step-Video-T2V (see the module docstring for the phases).
+
+    ``device``: where everything computes (default CUDA if present); weights rest on the
+    CPU between phases, as in ComfyUI.  ``dtype``: compute dtype of the DiT and the VAE
+    (default bf16 on CUDA, fp32 on CPU).  ``weight_format``: "auto" (follow the file),
+    "full" or "fp8_scaled" (DiT block weights stored in fp8).  ``blocks_on_device``:
+    "auto", "all" or a number (block streaming).  ``text_plan``: the text encoder's
+    device plan (auto/resident/stream/cpu); ``text_dtype`` its Step-LLM dtype (bf16,
+    the release's).  The DiT and the VAE stay loaded between :meth:`generate` calls
+    until :meth:`unload`; the text encoder is freed after every encode.
+    """
+
+    def __init__(self, files: ModelFiles, *, device: Union[None, str, torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, weight_format: str = "auto", attention: str = "sdpa",
+                 blocks_on_device: Union[str, int] = "auto", text_plan: str = "auto",
+                 text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True):
+        self.files = files
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype if dtype is not None else default_dtype(self.device)
+        if text_plan not in PLANS:
+            raise ValueError(f"text_plan must be one of {PLANS}, got {text_plan!r}")
+        choice = str(blocks_on_device)
+        if choice not in ("auto", "all") and not choice.isdigit():
+            raise ValueError(f"blocks_on_device must be {BLOCK_CHOICES_HELP}, got {blocks_on_device!r}")
+        check_backend(attention, self.device, self.dtype)
+        self.weight_format, self.attention, self.blocks_on_device = weight_format, attention, choice
+        self.text_plan, self.text_dtype, self.alibi = text_plan, text_dtype, alibi
+        self._transformer = None
+        self._vae = None
+
+    # -- phases ----------------------------------------------------------------
+    def encode(self, prompt: str, negative: Optional[str] = NEGATIVE_PROMPT, add_magic: bool = True,
+               progress: Optional[ProgressFactory] = None) -> tuple[dict, Optional[dict], list]:
+        """(positive, negative or None, notes): DiT conditioning dicts of batch 1, on the CPU.
+
+        Loads the text encoders, encodes ``with_magic(prompt)`` and then ``negative``
+        (None: skipped, for runs without guidance) one at a time as the two text nodes
+        do (so a graph and this pipeline get the very same tensors), then frees the
+        encoders.  ``notes`` are truncation warnings.
+        """
+        start = time.perf_counter()
+        encoder = load_text_encoder(self.files.step_llm, self.files.hunyuan_clip, dtype=self.text_dtype,
+                                    device=self.device, plan=self.text_plan, alibi=self.alibi)
+        log.info("text encoders loaded in %.1f s (%s)", time.perf_counter() - start,
+                 encoder.describe().replace("\n", "; "))
+        texts = [with_magic(prompt, add_magic)] + ([negative] if negative is not None else [])
+        try:
+            notes = encoder.notes(texts)
+            steps = len(encoder.llm.layers) + 1
+            update = progress("text encoders", steps * len(texts)) if progress else None
+            rows = []
+            for i, text in enumerate(texts):
+                callback = (lambda done, _total, base=i * steps: update(base + done, steps * len(texts))) \
+                    if update else None
+                rows.append(encoder.encode([text], callback=callback))
+        finally:
+            del encoder
+            self._release_memory()
+        return rows[0], (rows[1] if negative is not None else None), notes
+
+    def transformer(self) -> torch.nn.Module:
+        """The DiT, loaded on first use (weights rest on the CPU, compute on :attr:`device`)."""
+        if self._transformer is None:
+            start = time.perf_counter()
+            self._transformer = load_transformer(self.files.transformer, dtype=self.dtype, device="cpu",
+                                                 attention=self.attention, weight_format=self.weight_format)
+            cfg = self._transformer.config
+            log.info("DiT loaded in %.1f s: %d blocks, width %d, %s weights, compute %s on %s",
+                     time.perf_counter() - start, cfg.num_layers, cfg.inner_dim, self._transformer.weight_format,
+                     DTYPE_NAMES.get(self.dtype, self.dtype), self.device)
+        return self._transformer
+
+    def vae(self):
+        """The VAE, loaded on first use on :attr:`device`."""
+        if self._vae is None:
+            start = time.perf_counter()
+            self._vae = load_vae(self.files.vae, dtype=self.dtype, device=self.device)
+            log.info("VAE loaded in %.1f s", time.perf_counter() - start)
+        return self._vae
+
+    def sample(self, positive: dict, negative: Optional[dict], *, width: int, height: int, frames: int,
+               steps: int, cfg: float, shift: float, seed: int, progress: Optional[ProgressFactory] = None,
+               should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, dict]:
+        """(latents fp32 ``[1, F, C, h, w]`` on the CPU, the block plan) -- the sampler node's work."""
+        model = self.transformer()
+        model.attention_backend = self.attention
+        guided = cfg > 1.0
+        plan = plan_blocks(model.config, device=self.device, compute_dtype=self.dtype,
+                           weight_format=model.weight_format, attention=self.attention, width=width,
+                           height=height, frames=frames, guided=guided, blocks_on_device=self.blocks_on_device)
+        if not plan["fits"]:
+            log.warning("the memory plan says this run may not fit (%s); trying anyway. fp8_scaled weights, "
+                        "fewer frames or a smaller size need less memory.", plan["message"])
+        log.info("block plan: %s", plan["message"])
+        streamed = plan["blocks_on_device"] < model.config.num_layers
+        update = progress("sampling", steps) if progress else None
+        latents = sample(model, positive, negative if guided else None, width=width, height=height,
+                         frames=frames, steps=steps, cfg=cfg, shift=shift, seed=seed, device=self.device,
+                         blocks_on_device=plan["blocks_on_device"] if streamed else None,
+                         batch_cfg=plan["batch_cfg"], should_stop=should_stop,
+                         on_step=(lambda i, n, _latents: update(i, n)) if update else None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return latents, plan
+
+    def decode(self, latents: torch.Tensor, progress: Optional[ProgressFactory] = None,
+               should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+        """uint8 frames ``[T, H, W, 3]`` of ``latents`` ``[1, F, C, h, w]``: VAE decode + official post-processing."""
+        update = progress("VAE decode", max(latents.shape[1] // 3, 1)) if progress else None
+        video = self.vae().decode(latents, on_chunk=update, should_stop=should_stop, output_device="cpu")
+        return official_to_uint8(video)
+
+    def generate(self, prompt: str, negative: Optional[str] = NEGATIVE_PROMPT, *, add_magic: bool = True,
+                 preset: str = DEFAULT_PRESET, width: int = 992, height: int = 544, frames: int = 204,
+                 steps: Optional[int] = None, cfg: Optional[float] = None, shift: Optional[float] = None,
+                 seed: int = 0, progress: Optional[ProgressFactory] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+        """One video for ``prompt``; see :class:`GenerationResult`.
+
+        ``steps``/``cfg``/``shift`` default to the preset's (resolve_settings); the negative
+        prompt defaults to the official one and is not encoded when cfg <= 1.  Size and
+        settings are checked before anything is loaded.
+        """
+        check_video_size(width, height, frames)
+        run = resolve_settings(resolve_preset(preset), steps, cfg, shift)
+        guided = run["cfg"] > 1.0
+        seconds = {}
+        start = time.perf_counter()
+        positive, neg, notes = self.encode(prompt, (negative if negative is not None else "") if guided else None,
+                                           add_magic, progress)
+        seconds["text"] = time.perf_counter() - start
+        for note in notes:
+            log.warning("%s", note)
+        start = time.perf_counter()
+        latents, plan = self.sample(positive, neg, width=width, height=height, frames=frames, seed=seed,
+                                    progress=progress, should_stop=should_stop, **run)
+        seconds["sample"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pixels = self.decode(latents, progress, should_stop)
+        seconds["decode"] = time.perf_counter() - start
+        settings = dict(prompt=prompt, negative=negative if guided else None, add_magic=add_magic,
+                        preset=resolve_preset(preset), width=width, height=height, frames=frames, seed=seed, **run)
+        return GenerationResult(frames=pixels, settings=settings, plan=plan, seconds=seconds, notes=notes)
+
+    def unload(self) -> None:
+        """Drop the DiT and the VAE (the next :meth:`generate` loads them again)."""
+        self._transformer = self._vae = None
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Give freed memory back: Python objects, CUDA's cache, the host heap (glibc)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        trim_host_heap()
