@@ -165,7 +165,8 @@ class _Saved:
         put another tensor in its place meanwhile, into that one too."""
         self.original.copy_(self.backup)
         now = self.current()
-        if now is not self.original and now.shape == self.original.shape:
+        moved = now.device != self.original.device or now.data_ptr() != self.original.data_ptr()
+        if moved and now.shape == self.original.shape:
             now.copy_(self.backup)
 
 

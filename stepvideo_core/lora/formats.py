@@ -224,7 +224,11 @@ def peft_alpha(config: Optional[dict], name: str, rank: int) -> Optional[float]:
         return None
     alpha = None
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if name == pattern or re.fullmatch(rf"(.*\.)?{pattern}", name):
+        try:
+            hit = name == pattern or re.fullmatch(rf"(.*\.)?{pattern}", name) is not None
+        except re.error:
+            hit = False
+        if hit:
             alpha = float(value)
             break
     if alpha is None and config.get("lora_alpha") is not None:

@@ -227,3 +227,15 @@ def test_adapter_for_another_architecture_is_refused_at_attach(loras):
     with pytest.raises(LoraError, match="no layer 'transformer_blocks.1"):
         with attached(other, [a]):
             pass
+
+
+def test_restore_reaches_tensors_swapped_in_meanwhile(fp8_model, loras):
+    """A streamer pins host weights by replacing ``param.data`` (and buffers) with copies during a run;
+    the merged values in those copies must be restored too."""
+    (a, _), _ = loras
+    snap = snapshot(fp8_model)
+    layer = fp8_model.transformer_blocks[1].ff.net[2]
+    with attached(fp8_model, [LoraEntry(a, 1.0, "merge")]):
+        layer.weight.data = layer.weight.data.clone()                      # like pin_memory()
+        layer.register_buffer("scale_weight", layer.scale_weight.clone())
+    assert same(fp8_model, snap)
