@@ -95,28 +95,36 @@ def normalize_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
 _FP8_MATMUL_PROBED: dict = {}
 
 
-def fp8_matmul_supported(device: torch.device) -> bool:
-    """True when ``torch._scaled_mm`` with row-wise scales runs on ``device``.
-
-    CUDA needs compute capability >= 8.9; the CPU is probed once with a tiny call
-    (recent torch builds implement it).  Other devices use the dequantise path.
-    """
+def _key(device: torch.device) -> tuple:
     device = torch.device(device)
-    key = (device.type, device.index)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device.type, device.index
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """True when ``torch._scaled_mm`` with row-wise scales runs on ``device`` (cached per device).
+
+    CUDA needs compute capability >= 8.9 (fp8 tensor cores); there, and on the CPU, a
+    tiny row-wise call is tried once, because kernel coverage varies between torch
+    builds and GPUs.  Other devices use the dequantise path.
+    """
+    key = _key(device)
     if key in _FP8_MATMUL_PROBED:
         return _FP8_MATMUL_PROBED[key]
-    ok = False
-    if hasattr(torch, "_scaled_mm"):
-        if device.type == "cuda":
-            ok = torch.cuda.get_device_capability(device) >= (8, 9)
-        elif device.type == "cpu":
-            try:
-                a = torch.ones(16, 16, dtype=FP8)
-                one = torch.ones(16, 1)
-                torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.float32)
-                ok = True
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
+    ok = hasattr(torch, "_scaled_mm") and key[0] in ("cpu", "cuda")
+    if ok and key[0] == "cuda":
+        ok = torch.cuda.get_device_capability(torch.device(*key)) >= (8, 9)
+    if ok:
+        dev = torch.device(*key) if key[1] is not None else torch.device(key[0])
+        try:
+            a = torch.ones(16, 16, device=dev).to(FP8)
+            one = torch.ones(16, 1, device=dev)
+            out = torch.bfloat16 if key[0] == "cuda" else torch.float32
+            torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=out)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            log.info("StepVideo: fp8 matmul unavailable on %s (%s); fp8 weights are dequantised", dev, exc)
+            ok = False
     _FP8_MATMUL_PROBED[key] = ok
     return ok
 
@@ -186,12 +194,22 @@ class ScaledFp8Linear(ops.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_fp8:
             return super().forward(x)
+        y = None
         if self._use_matmul(x):
             x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-            y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.scale_weight.reshape(1, -1),
-                                 out_dtype=x.dtype)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
+            try:
+                y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale,
+                                     scale_b=self.scale_weight.reshape(1, -1), out_dtype=x.dtype)
+            except RuntimeError as exc:  # a shape or layout this build's kernel refuses
+                if self.matmul_mode == "matmul":
+                    raise
+                log.warning("StepVideo: fp8 matmul failed on %s (%s); dequantising fp8 weights from now on",
+                            x.device, exc)
+                _FP8_MATMUL_PROBED[_key(x.device)] = False
+            del x8, x_scale
+            if y is not None:
+                y = y.reshape(*x.shape[:-1], self.out_features)
+        if y is None:
             y = F.linear(x, dequantize_weight(self.weight, self.scale_weight, x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -226,3 +226,24 @@ def test_scale_on_a_conv_is_refused(tmp_path):
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="Linear layers only"):
         load_transformer(path)
+
+
+def test_a_refusing_kernel_falls_back_to_dequantising(monkeypatch):
+    ref, layer = make_layer(bias=False)
+    x = torch.randn(4, 64)
+    monkeypatch.setattr(fp8, "_FP8_MATMUL_PROBED", {})
+
+    def refuse(*a, **k):
+        raise RuntimeError("not supported")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with torch.no_grad():
+        y = layer(x)  # auto: the probe itself fails -> dequantise
+    assert rel(y, ref(x)) <= 0.04 and fp8._FP8_MATMUL_PROBED[("cpu", None)] is False
+    monkeypatch.setattr(fp8, "_FP8_MATMUL_PROBED", {("cpu", None): True})  # probe passed, real call refuses
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+    assert fp8._FP8_MATMUL_PROBED[("cpu", None)] is False
+    layer.matmul_mode = "matmul"
+    with pytest.raises(RuntimeError):
+        layer(x)
