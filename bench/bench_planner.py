@@ -1,0 +1,49 @@
+"""Memory plans for the released 30B DiT at the official size, for common GPU sizes.
+
+    python bench/bench_planner.py [--json]
+
+Pure arithmetic (no GPU, no weights): prints what the sampler's "auto" would choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stepvideo_core.offload.planner import GiB, auto_plan  # noqa: E402
+
+CASES = [(992, 544, 204), (992, 544, 51)]
+GPUS = (24, 48, 80)
+FORMATS = ("bf16", "fp8_scaled")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print the full plans as JSON")
+    parser.add_argument("--attention", default="sdpa")
+    args = parser.parse_args()
+    rows = []
+    for width, height, frames in CASES:
+        for fmt in FORMATS:
+            for gib in GPUS:
+                plan = auto_plan(width, height, frames, free_bytes=gib * GiB, weight_format=fmt,
+                                 attention=args.attention)
+                rows.append(dict(size=f"{height}x{width}x{frames}", weights=fmt, gpu_gib=gib, **plan))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'size':>14} {'weights':>10} {'GPU':>5} {'blocks':>7} {'CFG':>10} {'peak GiB':>9} "
+          f"{'activ. GiB':>10} {'fits':>5}")
+    for r in rows:
+        print(f"{r['size']:>14} {r['weights']:>10} {r['gpu_gib']:>4}G {r['blocks_on_device']:>4}/48 "
+              f"{'batched' if r['batch_cfg'] else 'one-by-one':>10} {r['peak_bytes'] / GiB:>9.1f} "
+              f"{r['items']['activations'] / GiB:>10.1f} {str(r['fits']):>5}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
