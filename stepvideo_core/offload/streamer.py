@@ -60,6 +60,24 @@ def _set(owner: nn.Module, name: str, is_param: bool, tensor: torch.Tensor) -> N
         owner._buffers[name] = tensor
 
 
+def pin_in_place(module: nn.Module, pin: Optional[Callable] = None, is_pinned: Optional[Callable] = None) -> int:
+    """Replace every CPU tensor of ``module`` that is not pinned yet by a pinned copy; returns how many.
+
+    Pinning happens once per tensor: the pinned copy *becomes* the home tensor, so later
+    runs find it pinned and allocate nothing (host RAM does not grow run after run).
+    Tensor by tensor, so the peak is one extra tensor.  ``pin`` / ``is_pinned`` exist for tests.
+    """
+    pin = pin or (lambda t: t.pin_memory())
+    is_pinned = is_pinned or (lambda t: t.is_pinned())
+    count = 0
+    for owner, name, is_param in _tensor_slots(module):
+        tensor = _get(owner, name, is_param)
+        if tensor.device.type == "cpu" and not is_pinned(tensor):
+            _set(owner, name, is_param, pin(tensor))
+            count += 1
+    return count
+
+
 def resolve_mode(mode: str, device: torch.device, home: torch.device) -> str:
     """The transport actually used for ``mode`` (see module docstring)."""
     if mode not in ("auto", "cuda", "copy", "none"):
@@ -143,14 +161,11 @@ class BlockStreamer:
                 raise ValueError(f"block {b} does not have the same tensors as block {self.streamed[0]}; "
                                  f"streamed blocks must share one layout")
             if self.mode == "cuda":
-                for owner, name, is_param in entries:
-                    tensor = _get(owner, name, is_param)
-                    if tensor.device.type == "cpu" and not tensor.is_pinned():
-                        try:
-                            _set(owner, name, is_param, tensor.pin_memory())
-                        except RuntimeError as exc:  # pinned memory exhausted: copies stay correct, just slower
-                            log.warning("StepVideo: could not pin block %d weights (%s); streaming from pageable memory",
-                                        b, exc)
+                try:
+                    pin_in_place(self.blocks[b])
+                except RuntimeError as exc:  # pinned memory exhausted: copies stay correct, just slower
+                    log.warning("StepVideo: could not pin block %d weights (%s); streaming from pageable memory",
+                                b, exc)
         self._layout = [(n, p) for n, p, _, _ in layout]
         if self.mode == "none":
             return

@@ -149,3 +149,21 @@ def test_blocks_of_different_layouts_are_refused(model):
     with pytest.raises(ValueError, match="same tensors"):
         with BlockStreamer(odd, "cpu", 2, mode="copy"):
             pass
+
+
+def test_pinning_happens_once_per_tensor():
+    """The pinned copy becomes the home tensor, so a second run pins (allocates) nothing."""
+    from stepvideo_core.offload.streamer import pin_in_place
+    block = tiny_model(torch.float32, config=FIVE).transformer_blocks[0]
+    pinned = set()
+
+    def fake_pin(tensor):
+        copy = tensor.clone()
+        pinned.add(copy.data_ptr())
+        return copy
+
+    first = pin_in_place(block, fake_pin, lambda t: t.data_ptr() in pinned)
+    ptrs = {n: t.data_ptr() for n, t in block.state_dict().items()}
+    assert first == len(ptrs) and set(ptrs.values()) == pinned
+    assert pin_in_place(block, fake_pin, lambda t: t.data_ptr() in pinned) == 0
+    assert {n: t.data_ptr() for n, t in block.state_dict().items()} == ptrs
