@@ -92,7 +92,7 @@ def test_text_progress_bar():
     for i in range(1, 21):
         bar(i, 20)
     lines = log.getvalue().splitlines()
-    assert len(lines) == 11 and lines[-1].startswith("sampling       [##########] 20/20")  # the first, then one per tenth
+    assert len(lines) == 11 and lines[-1].startswith("sampling       [##########] 20/20")  # first, then per tenth
     tty = FakeTerminal()
     bar = TextProgress("decode", 4, tty, width=4)
     bar(1, 4)

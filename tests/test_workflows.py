@@ -1,0 +1,212 @@
+"""The shipped workflows (workflows/*.json, UI format, and their API twins in workflows/api/) against the pack.
+
+Checks what ComfyUI and its frontend would check, without them: node types exist,
+links join sockets of the same type, widget values are valid for their inputs
+(combos with the model files laid out as the README documents them), the API
+twin is the same graph, and the files are what ``workflows/build.py`` writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from stepvideo_core.sampling import PRESETS, check_video_size, resolve_settings
+from stepvideo_core.text.encoder import NEGATIVE_PROMPT
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+NAMES = ("stepvideo_t2v", "stepvideo_t2v_turbo", "stepvideo_t2v_24gb")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+# Core ComfyUI nodes (v0.33, frontend 1.49.6), written out here: sockets and widgets in UI order.
+CORE = {
+    "CreateVideo": dict(inputs={"images": "IMAGE", "audio": "AUDIO"}, required={"images"},
+                        outputs=[("VIDEO", "VIDEO")],
+                        widgets=[("fps", ("FLOAT", 1.0, 120.0)), ("bit_depth", ("INT", 8, 10))]),
+    "SaveVideo": dict(inputs={"video": "VIDEO"}, required={"video"}, outputs=[("video", "VIDEO")],
+                      widgets=[("filename_prefix", ("STRING",)), ("format", ["auto", "mp4", "mkv", "webm"]),
+                               ("format.codec", ["auto", "h264", "av1"]),
+                               ("format.codec.encoding", ["auto", "re-encode"]), ("codec", ["auto", "h264", "av1"])]),
+    "Note": dict(inputs={}, required=set(), outputs=[], widgets=[("text", ("STRING",))], virtual=True),
+}
+# Model-file combos list what is installed; the workflows use the names the README documents.
+MODEL_FILE_INPUTS = {("StepVideoModelLoader", "model"), ("StepVideoTextEncoderLoader", "step_llm"),
+                     ("StepVideoTextEncoderLoader", "hunyuan_clip"), ("StepVideoVAELoader", "vae_name"),
+                     ("StepVideoLoraLoader", "lora_name")}
+
+
+def load(name: str, api: bool = False) -> dict:
+    return json.loads((WORKFLOWS / ("api" if api else "") / f"{name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def documented_models(models_dir):
+    """The README's model layout, with empty placeholder files (the combos only look at names and folders)."""
+    release = models_dir / "diffusion_models" / "stepvideo-t2v"
+    for folder in (release / "transformer", models_dir / "diffusion_models" / "stepvideo-t2v-turbo" / "transformer"):
+        folder.mkdir(parents=True)
+        for file in ("config.json", "diffusion_pytorch_model.safetensors.index.json"):
+            (folder / file).touch()
+    text = models_dir / "text_encoders" / "stepvideo-t2v"
+    for folder in ("step_llm", "hunyuan_clip/clip_text_encoder", "hunyuan_clip/tokenizer"):
+        (text / folder).mkdir(parents=True)
+    for file in ("config.json", "model.safetensors.index.json", "step1_chat_tokenizer.model"):
+        (text / "step_llm" / file).touch()
+    (models_dir / "vae" / "stepvideo").mkdir()
+    (models_dir / "vae" / "stepvideo" / "vae_v2.safetensors").touch()
+    return models_dir
+
+
+def schema(pack, node_type: str) -> dict:
+    """Sockets (name -> type, in order), required sockets, outputs [(name, type)] and widgets [(name, spec)]."""
+    if node_type in CORE:
+        return CORE[node_type]
+    assert node_type in pack.NODE_CLASS_MAPPINGS, f"unknown node type {node_type}"
+    cls = pack.NODE_CLASS_MAPPINGS[node_type]
+    inputs, required, widgets = {}, set(), []
+    for section in ("required", "optional"):
+        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list):
+                widgets.append((name, kind))
+            elif kind in WIDGET_TYPES and not opts.get("forceInput"):
+                widgets.append((name, (kind, opts.get("min"), opts.get("max"))))
+                if opts.get("control_after_generate"):
+                    widgets.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"]))
+            else:
+                inputs[name] = kind
+                if section == "required":
+                    required.add(name)
+    outputs = list(zip(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), cls.RETURN_TYPES))
+    return dict(inputs=inputs, required=required, outputs=outputs, widgets=widgets)
+
+
+def check_value(node_type: str, name: str, spec, value) -> None:
+    """Raise AssertionError unless ``value`` is valid for a widget of ``spec`` (options list or (type, min, max))."""
+    where = f"{node_type}.{name} = {value!r}"
+    if isinstance(spec, list):
+        if (node_type, name) not in MODEL_FILE_INPUTS:
+            assert value in spec, f"{where} not in {spec}"
+        return
+    kind = spec[0]
+    if kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+    else:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), where
+        if kind == "INT":
+            assert isinstance(value, int), where
+        low, high = spec[1], spec[2]
+        assert (low is None or value >= low) and (high is None or value <= high), f"{where} outside [{low}, {high}]"
+
+
+def test_every_workflow_has_its_api_twin():
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(NAMES)
+
+
+def test_files_are_what_build_py_writes(pack):
+    spec = importlib.util.spec_from_file_location("workflows_build", WORKFLOWS / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for path, text in build.rendered_files(pack).items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.name} is stale: run python workflows/build.py"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_graph_is_valid_for_the_pack(pack, documented_models, name):
+    wf = load(name)
+    assert wf["version"] == 0.4 and {"id", "revision", "groups", "config", "extra"} <= set(wf)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] == max(nodes)
+    assert wf["last_link_id"] == max(link[0] for link in wf["links"])
+    schemas = {i: schema(pack, n["type"]) for i, n in nodes.items()}
+    for link_id, src, src_slot, dst, dst_slot, link_type in wf["links"]:
+        out_name, out_type = schemas[src]["outputs"][src_slot]
+        socket = nodes[dst]["inputs"][dst_slot]
+        assert out_type == link_type == socket["type"] == schemas[dst]["inputs"][socket["name"]], link_id
+        assert socket["link"] == link_id and link_id in nodes[src]["outputs"][src_slot]["links"]
+    for i, node in nodes.items():
+        sch = schemas[i]
+        assert [s["name"] for s in node["inputs"]] == list(sch["inputs"]), node["type"]
+        assert [o["type"] for o in node["outputs"]] == [t for _, t in sch["outputs"]], node["type"]
+        for socket in node["inputs"]:
+            assert socket["link"] is not None or socket["name"] not in sch["required"], socket["name"]
+        widgets = sch["widgets"]
+        assert len(node["widgets_values"]) == len(widgets), node["type"]
+        assert node["widgets_values_named"] == dict(zip([w for w, _ in widgets], node["widgets_values"]))
+        for (widget, spec), value in zip(widgets, node["widgets_values"]):
+            check_value(node["type"], widget, spec, value)
+        if node["type"] in pack.NODE_CLASS_MAPPINGS:
+            assert node["properties"]["Node name for S&R"] == node["type"]
+            live = dict(pack.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()["required"])
+            for widget, value in node["widgets_values_named"].items():
+                if (node["type"], widget) in MODEL_FILE_INPUTS:
+                    assert value in live[widget][0], f"{widget} {value!r} not found in the documented layout"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_is_the_same_graph(pack, name):
+    wf, api = load(name), load(name, api=True)
+    nodes = {str(n["id"]): n for n in wf["nodes"] if not CORE.get(n["type"], {}).get("virtual")}
+    assert set(api) == set(nodes)
+    for nid, entry in api.items():
+        node = nodes[nid]
+        assert entry["class_type"] == node["type"] and entry["_meta"]["title"]
+        expected = {w: v for w, v in node["widgets_values_named"].items() if w != "control_after_generate"}
+        for link_id, src, src_slot, dst, dst_slot, _ in wf["links"]:
+            if str(dst) == nid:
+                expected[node["inputs"][dst_slot]["name"]] = [str(src), src_slot]
+        assert entry["inputs"] == expected, nid
+
+
+def widgets(name: str) -> dict:
+    """node type -> widget values by name (each type appears once per graph)."""
+    return {n["type"]: n["widgets_values_named"] for n in load(name)["nodes"]}
+
+
+@pytest.mark.parametrize("name,preset", [("stepvideo_t2v", "Step-Video-T2V"), ("stepvideo_t2v_turbo",
+                                                                               "Step-Video-T2V-Turbo"),
+                                         ("stepvideo_t2v_24gb", "Step-Video-T2V")])
+def test_sampler_uses_the_preset_and_a_valid_size(name, preset):
+    s = widgets(name)["StepVideoSampler"]
+    p = PRESETS[preset]
+    assert s["preset"] == preset and (s["steps"], s["cfg"], s["shift"]) == (p.steps, p.cfg, p.shift)
+    assert resolve_settings(preset, s["steps"], s["cfg"], s["shift"]) == dict(steps=p.steps, cfg=p.cfg, shift=p.shift)
+    assert (s["width"], s["height"], s["frames"]) == (992, 544, 204)
+    check_video_size(s["width"], s["height"], s["frames"])
+
+
+def test_each_workflow_does_its_job():
+    base, turbo, small = widgets("stepvideo_t2v"), widgets("stepvideo_t2v_turbo"), widgets("stepvideo_t2v_24gb")
+    assert base["StepVideoSampler"]["steps"] == 50 and base["StepVideoSampler"]["cfg"] == 9
+    assert turbo["StepVideoSampler"]["steps"] == 15 and turbo["StepVideoSampler"]["shift"] == 17
+    assert turbo["StepVideoModelLoader"]["model"] == "stepvideo-t2v-turbo"
+    assert turbo["StepVideoTextEncoderLoader"]["step_llm"] == turbo["StepVideoTextEncoderLoader"]["hunyuan_clip"] == \
+        "stepvideo-t2v" and turbo["StepVideoVAELoader"]["vae_name"] == "stepvideo/vae_v2.safetensors"
+    assert "only the transformer" in turbo["Note"]["text"]
+    assert small["StepVideoModelLoader"]["weight_dtype"] == "fp8_scaled"
+    assert small["StepVideoModelLoader"]["blocks_on_device"] == "auto"
+    assert small["StepVideoTextEncoderLoader"]["device_plan"] in ("auto", "stream")
+    for wf in (base, turbo, small):
+        assert wf["StepVideoNegativeTextEncode"]["prompt"] == NEGATIVE_PROMPT and wf["StepVideoTextEncode"]["add_magic"]
+        assert wf["CreateVideo"]["fps"] == 25
+        assert (wf["SaveVideo"]["format"], wf["SaveVideo"]["format.codec"]) == ("mp4", "h264")
+        note = wf["Note"]["text"]
+        for where in ("models/diffusion_models/", "models/text_encoders/", "models/vae/stepvideo/vae_v2.safetensors"):
+            assert where in note
+
+
+def test_model_names_are_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in NAMES:
+        for node_type, values in widgets(name).items():
+            for widget, value in values.items():
+                if (node_type, widget) in MODEL_FILE_INPUTS:
+                    assert value in readme, f"{value!r} ({name}) is not in the README"

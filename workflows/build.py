@@ -1,0 +1,287 @@
+"""Writes the shipped example workflows, UI format and API twin, from one description.
+
+    python workflows/build.py           # (re)write workflows/*.json and workflows/api/*.json
+    python workflows/build.py --check   # exit 1 when a file differs from what would be written
+
+Each workflow is a list of nodes with their widget values *by name* and their links
+*by input name*.  The positional ``widgets_values`` of the UI format and the
+``inputs`` of the API format are both derived from the node definitions: the
+pack's own ``INPUT_TYPES`` (imported the way ComfyUI imports the pack) and, for
+the three core nodes used, :data:`CORE_NODES`, copied from ComfyUI v0.33 and its
+frontend 1.49.6 (which writes SaveVideo's nested format/codec widgets flat, as
+below).  So the two formats cannot drift apart, and a renamed or reordered
+widget shows up as a failing ``tests/test_workflows.py`` instead of a broken
+workflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PACK_MODULE = "stepvideo_workflow_build"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+OPTIONAL_SHAPE = 7  # LiteGraph's slot shape for optional inputs (the frontend writes "shape": 7)
+
+# Core ComfyUI nodes the workflows use: sockets (name, type, optional) and widgets in UI order
+# (name, spec).  A spec is a type name with min/max or a list of options; "virtual" nodes
+# (Note) exist only in the UI format.
+CORE_NODES = {
+    "CreateVideo": {
+        "title": "Create Video",
+        "inputs": [("images", "IMAGE", False), ("audio", "AUDIO", True)],
+        "outputs": [("VIDEO", "VIDEO")],
+        "widgets": [("fps", {"type": "FLOAT", "min": 1.0, "max": 120.0, "default": 30.0}),
+                    ("bit_depth", {"type": "INT", "min": 8, "max": 10, "default": 8})],
+    },
+    "SaveVideo": {
+        "title": "Save Video",
+        "inputs": [("video", "VIDEO", False)],
+        "outputs": [("video", "VIDEO")],
+        "widgets": [("filename_prefix", {"type": "STRING", "default": "video/ComfyUI"}),
+                    ("format", {"options": ["auto", "mp4", "mkv", "webm"]}),
+                    ("format.codec", {"options": ["auto", "h264", "av1"]}),
+                    ("format.codec.encoding", {"options": ["auto", "re-encode"], "default": "auto"}),
+                    ("codec", {"options": ["auto", "h264", "av1"], "default": "auto"})],
+    },
+    "Note": {"title": "Note", "virtual": True, "inputs": [], "outputs": [],
+             "widgets": [("text", {"type": "STRING", "default": ""})]},
+}
+CONTROL_AFTER_GENERATE = ("fixed", "increment", "decrement", "randomize")
+
+PROMPT = ("A red fox trots through fresh snow in a quiet birch forest at dawn; soft golden light, "
+          "slow tracking shot, breath visible in the cold air.")
+FILES_T2V = """\
+Model files: the official stepvideo-t2v release (stepfun-ai/stepvideo-t2v), folders kept as downloaded.
+
+ComfyUI/models/diffusion_models/stepvideo-t2v/   the release folder (at least transformer/)
+ComfyUI/models/text_encoders/stepvideo-t2v/      the same folder, or one holding step_llm/ and hunyuan_clip/
+ComfyUI/models/vae/stepvideo/vae_v2.safetensors  vae/vae_v2.safetensors of the release
+
+One download is enough: link the release folder into diffusion_models/ and text_encoders/."""
+
+
+def import_pack():
+    """The repository root imported as a package, as ComfyUI imports a custom node pack."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def node_schema(node_type: str, pack=None) -> dict:
+    """Sockets and widgets of ``node_type`` in the shape of :data:`CORE_NODES` (pack nodes from INPUT_TYPES).
+
+    Widget specs of pack nodes are their INPUT_TYPES options, with ``type`` set and, for
+    combos, ``options``; an INT with ``control_after_generate`` is followed by the UI-only
+    widget ``control_after_generate``.
+    """
+    if node_type in CORE_NODES:
+        return CORE_NODES[node_type]
+    pack = pack or import_pack()
+    cls = pack.NODE_CLASS_MAPPINGS[node_type]
+    declared = cls.INPUT_TYPES()
+    inputs, widgets = [], []
+    for section in ("required", "optional"):
+        for name, spec in declared.get(section, {}).items():
+            kind, options = spec[0], dict(spec[1]) if len(spec) > 1 else {}
+            if isinstance(kind, (list, tuple)):
+                widgets.append((name, dict(options, options=list(kind))))
+            elif kind in WIDGET_TYPES and not options.get("forceInput"):
+                widgets.append((name, dict(options, type=kind)))
+                if options.get("control_after_generate"):
+                    widgets.append(("control_after_generate", {"options": list(CONTROL_AFTER_GENERATE),
+                                                               "ui_only": True}))
+            else:
+                inputs.append((name, kind, section == "optional"))
+    outputs = list(zip(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), cls.RETURN_TYPES))
+    title = pack.NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type)
+    return {"title": title, "inputs": inputs, "outputs": outputs, "widgets": widgets}
+
+
+# --------------------------------------------------------------------------- the description
+
+def graph(model: str, weight_dtype: str, blocks: str, device_plan: str, preset: str, note: str,
+          prefix: str, seed: int = 1234) -> list[dict]:
+    """The text-to-video graph every shipped workflow uses, with its per-workflow choices."""
+    from stepvideo_core.sampling import PRESETS
+    from stepvideo_core.text.encoder import NEGATIVE_PROMPT
+
+    p = PRESETS[preset]
+    return [
+        dict(id=1, type="Note", pos=[40, 40], size=[560, 250], title="Read me: model files",
+             widgets={"text": note}),
+        dict(id=2, type="StepVideoModelLoader", pos=[40, 330], size=[360, 160],
+             widgets={"model": model, "weight_dtype": weight_dtype, "attention": "sdpa", "blocks_on_device": blocks}),
+        dict(id=3, type="StepVideoTextEncoderLoader", pos=[40, 530], size=[360, 180],
+             widgets={"step_llm": "stepvideo-t2v", "hunyuan_clip": "stepvideo-t2v", "weight_dtype": "default",
+                      "alibi": True, "device_plan": device_plan}),
+        dict(id=4, type="StepVideoVAELoader", pos=[40, 750], size=[360, 90],
+             widgets={"vae_name": "stepvideo/vae_v2.safetensors", "weight_dtype": "default"}),
+        dict(id=5, type="StepVideoTextEncode", pos=[440, 330], size=[420, 220],
+             widgets={"prompt": PROMPT, "add_magic": True}, links={"text_encoder": (3, 0)}),
+        dict(id=6, type="StepVideoNegativeTextEncode", pos=[440, 590], size=[420, 200],
+             widgets={"prompt": NEGATIVE_PROMPT}, links={"text_encoder": (3, 0)}),
+        dict(id=7, type="StepVideoSampler", pos=[900, 330], size=[330, 330],
+             widgets={"preset": preset, "width": 992, "height": 544, "frames": 204, "steps": p.steps,
+                      "cfg": p.cfg, "shift": p.shift, "seed": seed, "control_after_generate": "fixed"},
+             links={"model": (2, 0), "positive": (5, 0), "negative": (6, 0)}),
+        dict(id=8, type="StepVideoVAEDecode", pos=[1270, 330], size=[300, 110],
+             widgets={"tile_size": 0, "tile_overlap": 8}, links={"vae": (4, 0), "samples": (7, 0)}),
+        dict(id=9, type="CreateVideo", pos=[1270, 480], size=[300, 110],
+             widgets={"fps": 25.0, "bit_depth": 8}, links={"images": (8, 0)}),
+        dict(id=10, type="SaveVideo", pos=[1610, 330], size=[480, 520],
+             widgets={"filename_prefix": prefix, "format": "mp4", "format.codec": "h264",
+                      "format.codec.encoding": "auto", "codec": "auto"}, links={"video": (9, 0)}),
+    ]
+
+
+def workflows() -> dict:
+    """name -> node list, for every shipped workflow."""
+    return {
+        "stepvideo_t2v": graph(
+            "stepvideo-t2v", "auto", "auto", "auto", "Step-Video-T2V", prefix="video/stepvideo_t2v",
+            note="Step-Video-T2V with the official settings: 50 steps, cfg 9, shift 13, 992x544, 204 frames "
+                 "(8 s at 25 fps).\n\n" + FILES_T2V + "\n\nbf16 weights: about 60 GB of RAM for the DiT and 39 GB "
+                 "for the Step-LLM; blocks that do not fit on the GPU are streamed (blocks_on_device auto). "
+                 "For a 24 GB card use stepvideo_t2v_24gb.json."),
+        "stepvideo_t2v_turbo": graph(
+            "stepvideo-t2v-turbo", "auto", "auto", "auto", "Step-Video-T2V-Turbo",
+            prefix="video/stepvideo_t2v_turbo",
+            note="Step-Video-T2V-Turbo (step-distilled): its preset is 15 steps, cfg 5, shift 17.\n\n"
+                 "The Turbo repository (stepfun-ai/stepvideo-t2v-turbo) has only the transformer:\n"
+                 "ComfyUI/models/diffusion_models/stepvideo-t2v-turbo/   holding its transformer/ folder\n\n"
+                 "The VAE and the text encoders come from the base release, as in stepvideo_t2v.json:\n\n"
+                 + FILES_T2V.split("\n\n", 1)[1]),
+        "stepvideo_t2v_24gb": graph(
+            "stepvideo-t2v", "fp8_scaled", "auto", "stream", "Step-Video-T2V", prefix="video/stepvideo_t2v_24gb",
+            note="Step-Video-T2V on a 24 GB GPU: the DiT's block weights in fp8 with per-channel scales (weight_dtype "
+                 "fp8_scaled, quantised while loading the bf16 release: about 30 GB of RAM instead of 60), as many "
+                 "blocks on the GPU as fit and the rest streamed from RAM (blocks_on_device auto, planned per run), "
+                 "and the 19.6B Step-LLM streamed to the GPU one layer at a time (device_plan stream).\n\n"
+                 + FILES_T2V + "\n\nA pre-quantised file loads the same way: python -m stepvideo_core.convert "
+                 "<release folder> models/diffusion_models/stepvideo-t2v-fp8_scaled.safetensors, then pick it "
+                 "in the model loader. If the VAE decode runs out of memory, set its tile_size (e.g. 16)."),
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+def widget_values(node: dict, schema: dict) -> list[tuple[str, object]]:
+    """(name, value) for every widget of ``node`` in UI order; defaults fill what the description leaves out."""
+    given = dict(node.get("widgets", {}))
+    out = []
+    for name, spec in schema["widgets"]:
+        if name in given:
+            out.append((name, given.pop(name)))
+        elif "default" in spec:
+            out.append((name, spec["default"]))
+        else:
+            raise ValueError(f"node {node['id']} ({node['type']}): no value for widget {name!r}")
+    if given:
+        raise ValueError(f"node {node['id']} ({node['type']}): unknown widgets {sorted(given)}")
+    return out
+
+
+def execution_order(nodes: list[dict]) -> dict:
+    """id -> position in a topological order (ties broken by id), as the frontend's ``order``."""
+    pending = {n["id"]: {src for src, _ in n.get("links", {}).values()} for n in nodes}
+    order = {}
+    while pending:
+        ready = sorted(i for i, deps in pending.items() if not deps - set(order))
+        if not ready:
+            raise ValueError(f"cycle among nodes {sorted(pending)}")
+        for i in ready:
+            order[i] = len(order)
+            del pending[i]
+    return order
+
+
+def render(name: str, nodes: list[dict], pack=None) -> tuple[dict, dict]:
+    """(UI-format workflow, API-format prompt) for one description."""
+    schemas = {n["id"]: node_schema(n["type"], pack) for n in nodes}
+    by_id = {n["id"]: n for n in nodes}
+    order = execution_order(nodes)
+    links, outgoing = [], {}
+    for node in nodes:  # link ids in node order, then in the order of the node's sockets
+        sockets = [s[0] for s in schemas[node["id"]]["inputs"]]
+        for input_name in sorted(node.get("links", {}), key=sockets.index):
+            src, slot = node["links"][input_name]
+            link_type = schemas[src]["outputs"][slot][1]
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, node["id"], sockets.index(input_name), link_type])
+            outgoing.setdefault((src, slot), []).append(link_id)
+    ui_nodes, api = [], {}
+    for node in nodes:
+        nid, schema = node["id"], schemas[node["id"]]
+        values = widget_values(node, schema)
+        incoming = {link[4]: link[0] for link in links if link[3] == nid}
+        inputs = []
+        for index, (sock, kind, optional) in enumerate(schema["inputs"]):
+            entry = {"name": sock, "type": kind, "link": incoming.get(index)}
+            if optional:
+                entry["shape"] = OPTIONAL_SHAPE
+            inputs.append(entry)
+        outputs = [{"name": out_name, "type": kind, "links": outgoing.get((nid, slot)) or None, "slot_index": slot}
+                   for slot, (out_name, kind) in enumerate(schema["outputs"])]
+        ui = {"id": nid, "type": node["type"], "pos": node["pos"], "size": node["size"], "flags": {},
+              "order": order[nid], "mode": 0, "inputs": inputs, "outputs": outputs,
+              "properties": {} if schema.get("virtual") else {"Node name for S&R": node["type"]},
+              "widgets_values": [v for _, v in values], "widgets_values_named": dict(values)}
+        if node.get("title"):
+            ui["title"] = node["title"]
+        if schema.get("virtual"):
+            ui.update(color="#432", bgcolor="#653")
+        ui_nodes.append(ui)
+        if schema.get("virtual"):
+            continue
+        ui_only = {w for w, spec in schema["widgets"] if spec.get("ui_only")}
+        api_inputs = {w: v for w, v in values if w not in ui_only}
+        api_inputs.update({sock: [str(by_id[src]["id"]), slot] for sock, (src, slot) in node.get("links", {}).items()})
+        api[str(nid)] = {"inputs": api_inputs, "class_type": node["type"],
+                         "_meta": {"title": node.get("title") or schema["title"]}}
+    workflow = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"ComfyUI-StepVideo/workflows/{name}")), "revision": 0,
+                "last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+    return workflow, api
+
+
+def rendered_files(pack=None) -> dict:
+    """Path -> file text for every workflow file (UI in workflows/, API twin in workflows/api/)."""
+    files = {}
+    for name, nodes in workflows().items():
+        ui, api = render(name, nodes, pack)
+        files[HERE / f"{name}.json"] = json.dumps(ui, indent=2, ensure_ascii=False) + "\n"
+        files[HERE / "api" / f"{name}.json"] = json.dumps(api, indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is out of date")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))  # stepvideo_core as a top-level package, for presets and prompts
+    stale = []
+    for path, text in rendered_files().items():
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            stale.append(path)
+            if not args.check:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+    for path in stale:
+        print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(REPO)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
