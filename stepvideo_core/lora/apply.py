@@ -18,7 +18,10 @@ Two ways a patch reaches the computation:
   Adapter tensors are copied to the input's device/dtype on first use and kept until exit.
 
 ``mode`` per entry: "merge", "on_the_fly", or "auto" = on the fly for fp8 layers and for
-blocks that are streamed (index >= ``blocks_on_device``), merge otherwise.  Parameters
+blocks that are streamed (index >= ``blocks_on_device``), merge otherwise -- unless the
+exact backups that merging keeps would exceed ``merge_budget`` bytes (default 2 GiB; a
+rank-32 LoRA on every layer of the 30B model would back up ~55 GB of bf16 weights), in
+which case "auto" runs those layers on the fly too (about 1 % more compute, no copies).  Parameters
 that are not Linear/Conv weights (norms, modulation tables) are always merged: they are
 small, never fp8, and have no matmul to hook.
 """
@@ -37,6 +40,7 @@ from .formats import LoraError
 from .fuse import resolve_module
 
 MODES = ("auto", "merge", "on_the_fly")
+DEFAULT_MERGE_BUDGET = 2 << 30  # bytes of weight backups "auto" may keep for merges
 _ACTIVE = "_stepvideo_lora_attachment"
 
 
@@ -177,10 +181,12 @@ class Attachment:
     """
 
     def __init__(self, model: nn.Module, adapters: Iterable, mode: Optional[str] = None,
-                 blocks_on_device: Optional[int] = None, backup_device=None):
+                 blocks_on_device: Optional[int] = None, backup_device=None,
+                 merge_budget: int = DEFAULT_MERGE_BUDGET):
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown LoRA mode {mode!r}; expected one of {MODES}")
         self.model = model
+        self.merge_budget = merge_budget
         self.entries = [a if isinstance(a, LoraEntry) else LoraEntry(a) for a in adapters]
         self.mode = mode
         self.blocks_on_device = blocks_on_device
@@ -203,9 +209,10 @@ class Attachment:
     # -- attach / detach -----------------------------------------------------------------
     def plan(self) -> tuple[dict, dict]:
         """(merge groups, hook groups): ``(module, leaf) -> [(patch, strength)]`` and
-        ``module -> [(patch, strength)]``, after filters and mode decisions."""
+        ``module -> [(patch, strength)]``, after filters, mode decisions and the merge budget."""
         merges: dict = {}
         hooks: dict = {}
+        auto_merged: dict = {}  # (module, leaf) -> (bytes an "auto" merge would back up, its items)
         for entry in self.entries:
             mode = self.mode or entry.mode
             for patch in entry.selected():
@@ -216,10 +223,24 @@ class Attachment:
                     raise LoraError(f"LoRA {entry.adapter.name}: the model has no layer {target.module!r} "
                                     f"(the adapter was validated against another architecture)") from None
                 how = _decide(mode, module, target.leaf, target.block, self.blocks_on_device)
+                item = (patch, entry.strength)
                 if how == "merge":
-                    merges.setdefault((target.module, target.leaf), []).append((patch, entry.strength))
+                    merges.setdefault((target.module, target.leaf), []).append(item)
+                    if mode == "auto" and _hookable(module, target.leaf):
+                        tensor = getattr(module, target.leaf)
+                        size, items = auto_merged.get((target.module, target.leaf), (0, []))
+                        items.append(item)
+                        auto_merged[(target.module, target.leaf)] = (tensor.numel() * tensor.element_size(), items)
                 else:
-                    hooks.setdefault(target.module, []).append((patch, entry.strength))
+                    hooks.setdefault(target.module, []).append(item)
+        if sum(size for size, _ in auto_merged.values()) > self.merge_budget:
+            for key, (_, items) in auto_merged.items():  # too many backups: run them on the fly instead
+                kept = [item for item in merges[key] if not any(item is moved for moved in items)]
+                if kept:
+                    merges[key] = kept
+                else:
+                    del merges[key]
+                hooks.setdefault(key[0], []).extend(items)
         return merges, hooks
 
     def attach(self) -> None:
@@ -302,7 +323,8 @@ class Attachment:
 
 
 def attached(model: nn.Module, adapters: Sequence, mode: Optional[str] = None,
-             blocks_on_device: Optional[int] = None, backup_device=None) -> Attachment:
+             blocks_on_device: Optional[int] = None, backup_device=None,
+             merge_budget: int = DEFAULT_MERGE_BUDGET) -> Attachment:
     """Context manager applying ``adapters`` to ``model`` on entry and restoring the exact base weights on exit.
 
     * ``adapters``: :class:`LoraEntry` objects (a model handle's ``adapters`` tuple) or bare
@@ -312,10 +334,11 @@ def attached(model: nn.Module, adapters: Sequence, mode: Optional[str] = None,
       streamed for "auto" (None = all resident).
     * ``backup_device``: where exact copies of merged tensors wait (default: beside the
       tensor; pass "cpu" to keep backups of GPU-resident weights out of VRAM).
+    * ``merge_budget``: bytes of backups "auto" may keep; beyond it "auto" hooks instead.
 
     Restores on normal exit, exceptions and interrupts (BaseException) alike.  Enter it
     *outside* :class:`~stepvideo_core.offload.BlockStreamer`, so merges land in the home
     copies the streamer reads from.  Raises RuntimeError when adapters are already
     attached to ``model``.
     """
-    return Attachment(model, adapters, mode, blocks_on_device, backup_device)
+    return Attachment(model, adapters, mode, blocks_on_device, backup_device, merge_budget)

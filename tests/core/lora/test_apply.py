@@ -239,3 +239,20 @@ def test_restore_reaches_tensors_swapped_in_meanwhile(fp8_model, loras):
         layer.weight.data = layer.weight.data.clone()                      # like pin_memory()
         layer.register_buffer("scale_weight", layer.scale_weight.clone())
     assert same(fp8_model, snap)
+
+
+def test_auto_runs_on_the_fly_when_merge_backups_exceed_the_budget(model, inputs, loras):
+    """"auto" merges small adapters but never keeps more weight backups than merge_budget;
+    entries that ask for "merge" explicitly are still merged."""
+    (a, _), (b, _) = loras
+    entries = [LoraEntry(a, 0.8, "auto"), LoraEntry(b, -0.3, "merge")]
+    with attached(model, entries, mode="merge"):
+        reference = run(model, inputs)
+    with attached(model, entries) as att:
+        assert not att.hooked                            # tiny model: well under the default budget
+    with attached(model, entries, merge_budget=0) as att:
+        budgeted = run(model, inputs)
+        hookable = {p.target.module for p in a.patches if p.target.leaf in ("weight", "bias")}
+        assert hookable <= set(att.hooked)              # every auto Linear/Conv patch went on the fly
+        assert {p.target.module for p in b.patches if p.target.leaf == "weight"} <= set(att.merged)
+    torch.testing.assert_close(budgeted, reference, rtol=1e-5, atol=1e-5)
