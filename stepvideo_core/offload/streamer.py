@@ -114,7 +114,6 @@ class BlockStreamer:
         self._homes: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
         self._hooks: list = []
         self._slots: list[list[torch.Tensor]] = []
-        self._layout: list[tuple[str, bool]] = []
         self._pending: list[Action] = []
         self._swapped: dict[int, list[torch.Tensor]] = {}
         self._computing: dict[int, int] = {}  # streamed block -> slot it is computing from
@@ -166,7 +165,6 @@ class BlockStreamer:
                 except RuntimeError as exc:  # pinned memory exhausted: copies stay correct, just slower
                     log.warning("StepVideo: could not pin block %d weights (%s); streaming from pageable memory",
                                 b, exc)
-        self._layout = [(n, p) for n, p, _, _ in layout]
         if self.mode == "none":
             return
         slots = len(self._state)
