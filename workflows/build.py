@@ -140,7 +140,7 @@ def graph(model: str, weight_dtype: str, blocks: str, device_plan: str, preset: 
              widgets={"tile_size": 0, "tile_overlap": 8}, links={"vae": (4, 0), "samples": (7, 0)}),
         dict(id=9, type="CreateVideo", pos=[1270, 480], size=[300, 110],
              widgets={"fps": 25.0, "bit_depth": 8}, links={"images": (8, 0)}),
-        dict(id=10, type="SaveVideo", pos=[1610, 330], size=[480, 520],
+        dict(id=10, type="SaveVideo", pos=[1610, 330], size=[480, 130],
              widgets={"filename_prefix": prefix, "format": "mp4", "format.codec": "h264",
                       "format.codec.encoding": "auto", "codec": "auto"}, links={"video": (9, 0)}),
     ]
@@ -166,7 +166,8 @@ def workflows() -> dict:
         "stepvideo_t2v_24gb": graph(
             "stepvideo-t2v", "fp8_scaled", "auto", "stream", "Step-Video-T2V", prefix="video/stepvideo_t2v_24gb",
             note="Step-Video-T2V on a 24 GB GPU: the DiT's block weights in fp8 with per-channel scales (weight_dtype "
-                 "fp8_scaled, quantised while loading the bf16 release: about 30 GB of RAM instead of 60), as many "
+                 "fp8_scaled, quantised while loading the bf16 release: about 30 GB of RAM instead of 60; the Step-LLM "
+                 "takes 39 GB more), as many "
                  "blocks on the GPU as fit and the rest streamed from RAM (blocks_on_device auto, planned per run), "
                  "and the 19.6B Step-LLM streamed to the GPU one layer at a time (device_plan stream).\n\n"
                  + FILES_T2V + "\n\nA pre-quantised file loads the same way: python -m stepvideo_core.convert "
