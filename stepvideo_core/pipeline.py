@@ -31,9 +31,9 @@ from .offload.planner import auto_plan
 from .sampling import DEFAULT_PRESET, PRESETS, check_video_size, resolve_settings, sample
 from .text.encoder import NEGATIVE_PROMPT, load_text_encoder, resolve_text_encoder_dirs, with_magic
 from .text.llm_loader import find_step_llm_files
-from .text.streaming import PLANS
+from .text.streaming import PLANS, cuda_free_vram, default_device
 from .text.tokenizer import find_tokenizer_file
-from .vae.loader import find_vae_file, load_vae
+from .vae.loader import default_dtype, find_vae_file, load_vae
 from .video_io import official_to_uint8
 
 log = logging.getLogger("StepVideo")
@@ -54,24 +54,6 @@ def resolve_preset(name: str) -> str:
     if name.lower() in PRESET_ALIASES:
         return PRESET_ALIASES[name.lower()]
     raise ValueError(f"unknown preset {name!r}; expected one of {list(PRESETS)} or {sorted(PRESET_ALIASES)}")
-
-
-def default_device() -> torch.device:
-    """CUDA when available (the DiT computes there), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
-    """bf16 on CUDA (what the official model runs in), fp32 elsewhere (CPU bf16 is slow) -- as the nodes."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def free_vram(device: torch.device) -> Optional[int]:
-    """Free bytes on a CUDA ``device`` after emptying torch's cache; None for other devices."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    return int(torch.cuda.mem_get_info(device)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +129,7 @@ def plan_blocks(config, *, device: torch.device, compute_dtype: torch.dtype, wei
     if choice != "auto" and not choice.isdigit():
         raise ValueError(f"blocks_on_device must be {BLOCK_CHOICES_HELP}, got {blocks_on_device!r}")
     if free_bytes is None:
-        free_bytes = free_vram(device)
+        free_bytes = cuda_free_vram(device)
     fmt = "fp8_scaled" if weight_format == "fp8_scaled" else DTYPE_NAMES[compute_dtype]
     return auto_plan(width, height, frames, free_bytes=1 << 62 if free_bytes is None else free_bytes,
                      guided=guided, weight_format=fmt, attention=attention,
@@ -175,14 +157,15 @@ class StepVideoPipeline:
     "full" or "fp8_scaled" (DiT block weights stored in fp8).  ``blocks_on_device``:
     "auto", "all" or a number (block streaming).  ``text_plan``: the text encoder's
     device plan (auto/resident/stream/cpu); ``text_dtype`` its Step-LLM dtype (bf16,
-    the release's).  The DiT and the VAE stay loaded between :meth:`generate` calls
-    until :meth:`unload`; the text encoder is freed after every encode.
+    the release's).  The text encoder is freed after every encode; the DiT and the VAE
+    are dropped at the end of :meth:`generate` unless ``keep_models`` (then later calls
+    skip loading them, but the text encoder and the DiT share RAM while encoding).
     """
 
     def __init__(self, files: ModelFiles, *, device: Union[None, str, torch.device] = None,
                  dtype: Optional[torch.dtype] = None, weight_format: str = "auto", attention: str = "sdpa",
                  blocks_on_device: Union[str, int] = "auto", text_plan: str = "auto",
-                 text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True):
+                 text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True, keep_models: bool = False):
         self.files = files
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
@@ -194,6 +177,7 @@ class StepVideoPipeline:
         check_backend(attention, self.device, self.dtype)
         self.weight_format, self.attention, self.blocks_on_device = weight_format, attention, choice
         self.text_plan, self.text_dtype, self.alibi = text_plan, text_dtype, alibi
+        self.keep_models = keep_models
         self._transformer = None
         self._vae = None
 
@@ -288,7 +272,8 @@ class StepVideoPipeline:
 
         ``steps``/``cfg``/``shift`` default to the preset's (resolve_settings); the negative
         prompt defaults to the official one and is not encoded when cfg <= 1.  Size and
-        settings are checked before anything is loaded.
+        settings are checked before anything is loaded.  Without ``keep_models`` the DiT
+        and the VAE are freed before returning.
         """
         check_video_size(width, height, frames)
         run = resolve_settings(resolve_preset(preset), steps, cfg, shift)
@@ -307,6 +292,8 @@ class StepVideoPipeline:
         start = time.perf_counter()
         pixels = self.decode(latents, progress, should_stop)
         seconds["decode"] = time.perf_counter() - start
+        if not self.keep_models:
+            self.unload()
         settings = dict(prompt=prompt, negative=negative if guided else None, add_magic=add_magic,
                         preset=resolve_preset(preset), width=width, height=height, frames=frames, seed=seed, **run)
         return GenerationResult(frames=pixels, settings=settings, plan=plan, seconds=seconds, notes=notes)

@@ -91,17 +91,22 @@ def test_generate_gives_uint8_frames_and_checks_first(pipe):
     assert ("sampling", 2, 2) in steps and ("VAE decode", 1, 1) in steps and steps[-1][0] == "VAE decode"
     text_steps = [s for s in steps if s[0] == "text encoders"]
     assert text_steps[-1][1] == text_steps[-1][2]  # both prompts encoded, the bar ends full
+    assert pipe._transformer is None and pipe._vae is None  # freed on return (keep_models off)
     with pytest.raises(SizeError, match="nearest valid: 16 or 32"):
         pipe.generate(PROMPT, width=20, height=32, frames=17)
     with pytest.raises(ValueError, match="steps"):
         pipe.generate(PROMPT, steps=0, **SIZE)
 
 
-def test_without_guidance_the_negative_prompt_is_not_encoded(pipe):
+def test_without_guidance_the_negative_prompt_is_not_encoded(pipe, release):
     pos, neg, _ = pipe.encode(PROMPT, None)
     assert neg is None and pos["encoder_hidden_states"].shape[0] == 1
-    result = pipe.generate(PROMPT, cfg=1.0, steps=1, **SIZE)
+    keeping = StepVideoPipeline(ModelFiles.from_release(release), device="cpu", keep_models=True)
+    result = keeping.generate(PROMPT, cfg=1.0, steps=1, **SIZE)
     assert result.settings["negative"] is None and result.frames.shape[0] == 17
+    model = keeping.transformer()
+    keeping.generate(PROMPT, cfg=1.0, steps=1, **SIZE)
+    assert keeping.transformer() is model  # kept, not loaded again
 
 
 def test_same_tensors_as_the_node_graph(pipe, release, pack, models_dir):
