@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from contextlib import nullcontext
 from typing import Mapping, Optional
 
@@ -16,7 +17,7 @@ import torch
 
 from ..stepvideo_core.offload import SamplingInterrupted, auto_plan
 from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
-from ..stepvideo_core.sampling.preview import default_factors, preview_frame
+from ..stepvideo_core.sampling.preview import default_factors, fit_from_vae, preview_frame
 from ..stepvideo_core.vae.latents import to_comfy_latent
 from . import comfy_bridge as bridge
 from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_MODEL
@@ -66,6 +67,21 @@ def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> d
     return auto_plan(width, height, frames, free_bytes=free, blocks_on_device=blocks, **common)
 
 
+_FITTED_FACTORS = weakref.WeakKeyDictionary()  # VAE module -> LatentRGB (fitted once per loaded VAE)
+
+
+def preview_factors(preview_vae):
+    """64->RGB preview factors: fitted once for ``preview_vae`` (a STEPVIDEO_VAE) when given,
+    else the shipped ones (None: grey previews).  A fit costs one encode of four 64x64 clips."""
+    if preview_vae is None:
+        return default_factors()
+    factors = _FITTED_FACTORS.get(preview_vae.vae)
+    if factors is None:
+        from .vae import run_on_device
+        factors = _FITTED_FACTORS[preview_vae.vae] = run_on_device(preview_vae, fit_from_vae)
+    return factors
+
+
 class StepVideoSampler:
     """Denoises a Step-Video latent from text conditioning (flow matching, Euler, CFG)."""
 
@@ -104,10 +120,16 @@ class StepVideoSampler:
                 "seed": ("INT", {"default": 1234, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise is drawn on the CPU, so a seed gives the same video on "
                                             "every machine."}),
-            }
+            },
+            "optional": {
+                "preview_vae": ("STEPVIDEO_VAE", {
+                    "tooltip": "Optional: the VAE, to colour the step previews. A 64->RGB map is fitted once per "
+                               "loaded VAE from a few synthetic colour clips; without it previews are grey."}),
+            },
         }
 
-    def sample(self, model, positive, negative, preset, width, height, frames, steps, cfg, shift, seed):
+    def sample(self, model, positive, negative, preset, width, height, frames, steps, cfg, shift, seed,
+               preview_vae=None):
         """Return the UI summary and ``({"samples": [B, C, F, h, w]},)``."""
         run = settings(preset, steps, cfg, shift)
         guided = run["cfg"] > 1.0
@@ -120,7 +142,7 @@ class StepVideoSampler:
         transformer = model.transformer
         transformer.attention_backend = model.attention
         streamed = plan["blocks_on_device"] < model.config.num_layers
-        factors = default_factors()
+        factors = preview_factors(preview_vae)
         progress = bridge.progress_bar(run["steps"])
 
         def on_step(i, n, latents):

@@ -49,7 +49,7 @@ def resolve_vae_dtype(choice: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _run_on_device(handle: StepVideoVAEHandle, work):
+def run_on_device(handle: StepVideoVAEHandle, work):
     """Run ``work(vae)`` with the VAE on its compute device, then put it back to rest.
 
     Exists so a 1 GB VAE does not sit in VRAM between runs; on the CPU both devices are
@@ -169,7 +169,7 @@ class StepVideoVAEDecode:
             return model.decode(latents, on_chunk=_progress(chunks), should_stop=bridge.interrupt_requested,
                                 tile=tile, overlap=int(tile_overlap), output_device="cpu")
 
-        video = _run_on_device(vae, work)  # [B, T, 3, H, W] in [-1, 1]
+        video = run_on_device(vae, work)  # [B, T, 3, H, W] in [-1, 1]
         images = video.permute(0, 1, 3, 4, 2).flatten(0, 1).float()
         del video
         return (images.add_(1.0).mul_(0.5),)
@@ -212,7 +212,7 @@ class StepVideoVAEEncode:
             return model.encode(video, generator=generator, sample=mode == "sample", on_chunk=_progress(chunks),
                                 should_stop=bridge.interrupt_requested, output_device="cpu")
 
-        latents = _run_on_device(vae, work)
+        latents = run_on_device(vae, work)
         return ({"samples": to_comfy_latent(latents.float())},)
 
 

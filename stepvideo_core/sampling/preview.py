@@ -8,9 +8,12 @@ from (latents, decoded video) pairs of one VAE -- e.g. a few real clips encoded
 by the VAE, or the latents and frames of a finished generation -- by averaging
 the frames down to the latent grid (16x16 pixels, 17 frames -> 3 latent frames)
 and solving a ridge-regularised linear regression.  A fit can be saved as JSON
-(:meth:`LatentRGB.save`) and shipped as ``latent_rgb.json`` next to this module;
-without one, :func:`neutral_preview` shows the latents' dominant structure in
-grey (the first principal component of the 64 channels), which needs no weights.
+(:meth:`LatentRGB.save`) and shipped as ``latent_rgb.json`` next to this module.
+Without real clips, :func:`fit_from_vae` fits the factors of whichever VAE the
+user has by encoding synthetic clips of smooth, drifting colour fields (the
+colour content a preview has to show) and regressing the clips on their
+latents; without any VAE, :func:`neutral_preview` shows the latents' dominant
+structure in grey (the first principal component of the 64 channels).
 """
 
 from __future__ import annotations
@@ -79,6 +82,28 @@ def fit_latent_rgb(latents: torch.Tensor, video: torch.Tensor, ridge: float = 1e
     return LatentRGB(solution[:c].float(), solution[c].float())
 
 
+def synthetic_clips(count: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``count`` clips [count, 17, 3, size, size] in [-1, 1]: smooth random colour fields that drift
+    over the 17 frames (bilinearly upsampled 4x4 colour grids, interpolated in time)."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.rand(count, 3, 4, 4, generator=gen) * 2 - 1
+    end = torch.rand(count, 3, 4, 4, generator=gen) * 2 - 1
+    t = torch.linspace(0, 1, 17).view(1, 17, 1, 1, 1)
+    grids = (1 - t) * start[:, None] + t * end[:, None]  # [count, 17, 3, 4, 4]
+    frames = F.interpolate(grids.reshape(count * 17, 3, 4, 4), size=(size, size), mode="bilinear",
+                           align_corners=True)
+    return frames.reshape(count, 17, 3, size, size)
+
+
+@torch.no_grad()
+def fit_from_vae(vae, count: int = 4, size: int = 64, seed: int = 0) -> LatentRGB:
+    """Preview factors for ``vae`` (an object with ``encode(video, sample=False)``), fitted on
+    :func:`synthetic_clips`; one encoder pass over ``count`` small 17-frame clips."""
+    clips = synthetic_clips(count, size, seed)
+    latents = torch.cat([vae.encode(clip[None], sample=False).float().cpu() for clip in clips])
+    return fit_latent_rgb(latents, clips)
+
+
 def neutral_preview(latents: torch.Tensor) -> torch.Tensor:
     """Grey preview without factors: [..., C, h, w] -> [..., h, w, 3] in [0, 1].
 
@@ -107,5 +132,6 @@ def default_factors() -> Optional[LatentRGB]:
 def preview_frame(latents: torch.Tensor, factors: Optional[LatentRGB] = None, index: Optional[int] = None) -> torch.Tensor:
     """uint8 RGB [h, w, 3] of one latent frame (the middle one by default) of ``latents`` [B, F, C, h, w]."""
     frame = latents[0, latents.shape[1] // 2 if index is None else index]
-    rgb = factors.apply(frame) if factors is not None else neutral_preview(frame)
+    usable = factors is not None and factors.weight.shape[0] == frame.shape[0]  # fitted for this many channels
+    rgb = factors.apply(frame) if usable else neutral_preview(frame)
     return (rgb * 255).round().to(torch.uint8)

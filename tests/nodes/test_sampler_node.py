@@ -158,3 +158,42 @@ def test_bridge_preview_and_cache_helpers(bridge, monkeypatch):
                         types.SimpleNamespace(soft_empty_cache=lambda: emptied.append(1)))
     bridge.empty_cache()
     assert emptied == [1]
+
+
+class LinearVAE:
+    """Stand-in VAE for previews: latents are a fixed linear map of the 16x16-pooled frames."""
+
+    def __init__(self, channels=64):
+        self.map = torch.randn(3, channels, generator=torch.Generator().manual_seed(5))
+        self.calls = 0
+
+    def encode(self, video, sample=False):
+        self.calls += 1
+        b, t, _, h, w = video.shape
+        pooled = torch.nn.functional.adaptive_avg_pool3d(video.permute(0, 2, 1, 3, 4), (t // 17 * 3, h // 16, w // 16))
+        return (pooled.permute(0, 2, 3, 4, 1) @ self.map).permute(0, 1, 4, 2, 3)
+
+
+def test_preview_vae_colours_previews_and_is_fitted_once(pack, node_mod, types_mod, dit, bridge, monkeypatch):
+    vae_nodes = sys.modules[f"{pack.__name__}.nodes.vae"]
+    vae = LinearVAE()
+    preview_vae = vae_nodes.StepVideoVAEHandle(vae=vae, dtype=torch.float32, device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"), source=Path("tiny-vae"))
+    calls = fake_progress(monkeypatch, bridge)
+    for _ in range(2):
+        run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
+    assert vae.calls == 4                       # four synthetic clips, fitted on the first run only
+    image = calls[-1][2][1]
+    r, g, b = (image.getchannel(c) for c in "RGB")
+    assert r.tobytes() != b.tobytes()          # coloured, not the grey fallback
+
+
+def test_preview_vae_for_other_latent_channels_falls_back_to_grey(pack, node_mod, types_mod, dit, bridge, monkeypatch):
+    vae_nodes = sys.modules[f"{pack.__name__}.nodes.vae"]
+    preview_vae = vae_nodes.StepVideoVAEHandle(vae=LinearVAE(channels=8), dtype=torch.float32,
+                                               device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                               source=Path("tiny-vae"))
+    calls = fake_progress(monkeypatch, bridge)
+    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=1, preview_vae=preview_vae)
+    image = calls[-1][2][1]
+    assert image.getchannel("R").tobytes() == image.getchannel("B").tobytes()

@@ -44,3 +44,34 @@ def test_neutral_preview_and_preview_frame():
     factors = LatentRGB(torch.zeros(64, 3), torch.tensor([1.0, -1.0, 0.0]))
     assert preview_frame(latents, factors)[0, 0].tolist() == [255, 0, 128]
     assert default_factors() is None  # no fit shipped until one is made from the real VAE
+
+
+class LinearVAE:
+    """A stand-in VAE whose latents are a fixed linear map of the 16x16-pooled frames."""
+
+    def __init__(self, channels=8):
+        self.map = torch.randn(3, channels, generator=torch.Generator().manual_seed(5))
+
+    def encode(self, video, sample=False):
+        b, t, _, h, w = video.shape
+        pooled = F.adaptive_avg_pool3d(video.permute(0, 2, 1, 3, 4), (t // 17 * 3, h // 16, w // 16))
+        return (pooled.permute(0, 2, 3, 4, 1) @ self.map).permute(0, 1, 4, 2, 3)
+
+
+def test_fit_from_vae_previews_unseen_clips_in_their_colours():
+    from stepvideo_core.sampling.preview import fit_from_vae, synthetic_clips
+    vae = LinearVAE()
+    fit = fit_from_vae(vae, count=3, size=32, seed=0)
+    clip = synthetic_clips(1, 32, seed=9)                      # not among the fitted clips
+    latents = vae.encode(clip)
+    rgb = fit.apply(latents[0])                                 # [F, h, w, 3] in [0, 1]
+    truth = (F.adaptive_avg_pool3d(clip.permute(0, 2, 1, 3, 4), (3, 2, 2)).permute(0, 2, 3, 4, 1)[0] + 1) / 2
+    assert (rgb - truth).abs().max() < 1e-3
+
+
+def test_synthetic_clips_are_smooth_colour_fields_in_range():
+    from stepvideo_core.sampling.preview import synthetic_clips
+    clips = synthetic_clips(2, 48, seed=1)
+    assert clips.shape == (2, 17, 3, 48, 48) and clips.min() >= -1 and clips.max() <= 1
+    assert (clips[:, :, :, :, 1:] - clips[:, :, :, :, :-1]).abs().max() < 0.2   # no hard edges
+    assert not torch.equal(clips[:, 0], clips[:, -1])                            # colours drift in time
