@@ -11,3 +11,7 @@ for _family in _FAMILIES:
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+from . import routes  # noqa: E402 - after the node families: the route uses their choices
+
+routes.register()  # GET /stepvideo/plan on ComfyUI's server (no-op outside ComfyUI)

@@ -18,10 +18,12 @@ swap them for fakes with ``monkeypatch.setitem(comfy_bridge._MODULES, name, fake
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -334,3 +336,83 @@ def preview_image(rgb):
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     return ("JPEG", image, PREVIEW_MAX_SIZE)
+
+
+# --------------------------------------------------------------------------- device memory
+
+
+def device_memory(device: torch.device | None = None) -> dict:
+    """Return what the memory plan needs to know about the compute device, JSON-friendly.
+
+    Keys: ``type`` ("cuda", "cpu", ...), ``name`` (e.g. "NVIDIA GeForce RTX 4090"),
+    ``free_bytes`` and ``total_bytes`` (None on the CPU, where there is no VRAM to plan),
+    and ``freeable_bytes``: memory held by models ComfyUI manages on that device, which the
+    sampler asks ComfyUI to unload before it plans (0 outside ComfyUI or when unknown).
+    """
+    device = torch.device(device) if device is not None else torch_device()
+    info = {"type": device.type, "name": device.type, "free_bytes": None, "total_bytes": None,
+            "freeable_bytes": 0}
+    if device.type == "cpu":
+        return info
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["name"] = torch.cuda.get_device_name(device)
+    info["free_bytes"] = free_vram(device)
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        info["total_bytes"] = int(mm.get_total_memory(device))
+        try:  # ComfyUI's bookkeeping of loaded models; an internal list, so tolerate its absence
+            info["freeable_bytes"] = int(sum(m.model_loaded_memory() for m in mm.current_loaded_models
+                                             if torch.device(m.device) == device))
+        except Exception:  # noqa: BLE001 - a changed internal must never break the plan
+            info["freeable_bytes"] = 0
+    elif device.type == "cuda" and torch.cuda.is_available():
+        info["total_bytes"] = int(torch.cuda.mem_get_info(device)[1])
+    return info
+
+
+# --------------------------------------------------------------------------- server routes
+
+_ROUTES: set = set()
+
+
+def _prompt_server():
+    """ComfyUI's running ``PromptServer`` instance, or None (plain Python, or a ComfyUI without a server).
+
+    Only an already-imported ``server`` module counts: inside ComfyUI ``main.py`` has imported it
+    before any pack loads, and importing it ourselves elsewhere would start ComfyUI's machinery.
+    """
+    mod = _MODULES.get("server", _MISSING)
+    if mod is _MISSING:
+        mod = sys.modules.get("server") if in_comfyui() else None
+    prompt_server = getattr(mod, "PromptServer", None)
+    return getattr(prompt_server, "instance", None)
+
+
+def add_route(method: str, path: str, handler) -> bool:
+    """Serve ``handler`` at ``path`` on ComfyUI's web server; returns True when registered.
+
+    ``handler(query: dict[str, str]) -> (status: int, body: dict)`` is a plain function (run
+    in a worker thread, so it may read files); the answer goes out as JSON. ComfyUI also
+    serves every route under ``/api``, which is where the frontend's ``api.fetchApi`` asks.
+    Outside ComfyUI (tests, scripts) nothing happens and False is returned; registering the
+    same method and path twice is a no-op.
+    """
+    key = (method.upper(), path)
+    server = _prompt_server()
+    if server is None or key in _ROUTES:
+        return False
+
+    async def serve(request):
+        from aiohttp import web  # ComfyUI's own web framework; present wherever a PromptServer runs
+
+        loop = asyncio.get_running_loop()
+        try:
+            status, body = await loop.run_in_executor(None, handler, dict(request.rel_url.query))
+        except Exception as exc:  # noqa: BLE001 - answer with the reason instead of a bare 500 page
+            log.exception("StepVideo: %s %s failed", method, path)
+            status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+        return web.json_response(body, status=status)
+
+    server.routes.route(method.upper(), path)(serve)
+    _ROUTES.add(key)
+    return True
