@@ -280,21 +280,22 @@ class StepVideoPipeline:
         guided = run["cfg"] > 1.0
         seconds = {}
         start = time.perf_counter()
-        positive, neg, notes = self.encode(prompt, (negative if negative is not None else "") if guided else None,
-                                           add_magic, progress)
+        positive, neg, notes = self.encode(prompt, (negative or "") if guided else None, add_magic, progress)
         seconds["text"] = time.perf_counter() - start
         for note in notes:
             log.warning("%s", note)
-        start = time.perf_counter()
-        latents, plan = self.sample(positive, neg, width=width, height=height, frames=frames, seed=seed,
-                                    progress=progress, should_stop=should_stop, **run)
-        seconds["sample"] = time.perf_counter() - start
-        start = time.perf_counter()
-        pixels = self.decode(latents, progress, should_stop)
-        seconds["decode"] = time.perf_counter() - start
-        if not self.keep_models:
-            self.unload()
-        settings = dict(prompt=prompt, negative=negative if guided else None, add_magic=add_magic,
+        try:
+            start = time.perf_counter()
+            latents, plan = self.sample(positive, neg, width=width, height=height, frames=frames, seed=seed,
+                                        progress=progress, should_stop=should_stop, **run)
+            seconds["sample"] = time.perf_counter() - start
+            start = time.perf_counter()
+            pixels = self.decode(latents, progress, should_stop)
+            seconds["decode"] = time.perf_counter() - start
+        finally:
+            if not self.keep_models:
+                self.unload()
+        settings = dict(prompt=prompt, negative=(negative or "") if guided else None, add_magic=add_magic,
                         preset=resolve_preset(preset), width=width, height=height, frames=frames, seed=seed, **run)
         return GenerationResult(frames=pixels, settings=settings, plan=plan, seconds=seconds, notes=notes)
 
