@@ -15,7 +15,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..stepvideo_core.offload import SamplingInterrupted, auto_plan
+from ..stepvideo_core.offload import SamplingInterrupted
+from ..stepvideo_core.pipeline import plan_blocks as core_plan_blocks
 from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
 from ..stepvideo_core.sampling.preview import default_factors, fit_from_vae, preview_frame
 from ..stepvideo_core.vae.latents import to_comfy_latent
@@ -46,25 +47,19 @@ def settings(preset: str, steps: int, cfg: float, shift: float) -> dict:
 def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> dict:
     """Decide ``blocks_on_device`` and CFG batching for this run; returns the planner's dict.
 
-    On the CPU (or when the handle says "all") every block is used in place. On a GPU
-    ComfyUI is first asked to free what the fully resident run would need, then the
-    planner fits the plan into the free memory it reports.
+    The rule is the headless pipeline's (:func:`stepvideo_core.pipeline.plan_blocks`); on a
+    GPU ComfyUI is first asked to free what the fully resident run would need, and the
+    plan is then fitted into the free memory ComfyUI reports.
     """
-    choice = str(handle.blocks_on_device)
-    layers = handle.config.num_layers
-    if handle.device.type == "cpu" or choice == "all":
-        return {"blocks_on_device": layers, "batch_cfg": True, "fits": True,
-                "message": f"all {layers} blocks on {handle.device}", "streamed_blocks": 0}
-    fmt = handle.weight_format if handle.weight_format == "fp8_scaled" else DTYPE_NAMES[handle.dtype]
-    common = dict(guided=guided, weight_format=fmt, attention=handle.attention,
-                  compute_dtype=DTYPE_NAMES[handle.dtype], config=handle.config.to_dict())
-    wanted = auto_plan(width, height, frames, free_bytes=1 << 62, blocks_on_device=layers, **common)
-    bridge.free_memory(wanted["peak_bytes"] + wanted["reserve_bytes"], handle.device)
+    common = dict(device=handle.device, compute_dtype=handle.dtype, weight_format=handle.weight_format,
+                  attention=handle.attention, width=width, height=height, frames=frames, guided=guided)
+    if handle.device.type != "cpu" and str(handle.blocks_on_device) != "all":
+        wanted = core_plan_blocks(handle.config, blocks_on_device=handle.config.num_layers, free_bytes=1 << 62,
+                                  **common)
+        bridge.free_memory(wanted["peak_bytes"] + wanted["reserve_bytes"], handle.device)
     free = bridge.free_vram(handle.device)
-    if free is None:
-        free = 1 << 62
-    blocks = "auto" if choice == "auto" else int(choice)
-    return auto_plan(width, height, frames, free_bytes=free, blocks_on_device=blocks, **common)
+    return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device,
+                            free_bytes=1 << 62 if free is None else free, **common)
 
 
 _FITTED_FACTORS = weakref.WeakKeyDictionary()  # VAE module -> LatentRGB (fitted once per loaded VAE)
