@@ -10,8 +10,8 @@ import { api } from "../../scripts/api.js";
 import { LOADER_NODE_ID, SUMMARY_WIDGET, findWidget, rowsFor, summaryText } from "./lib/summary.js";
 import { MODEL_LOADER_NODE_ID, SAMPLER_NODE_ID, downstreamSamplers, nodeClass, upstreamLoader, widgetValues }
   from "./lib/graph.js";
-import { ASSUMED_VRAM_SETTING, LOADER_FIELDS, PLAN_ROUTE, PLAN_WIDGET, SAMPLER_FIELDS, planLines, planParams,
-  planQuery, planText, planTooltip, queueWarnings } from "./lib/plan.js";
+import { ASSUMED_VRAM_SETTING, LOADER_FIELDS, PLAN_ROUTE, PLAN_WIDGET, SAMPLER_FIELDS, loaderLine, planLines,
+  planParams, planQuery, planText, planTooltip, queueWarnings } from "./lib/plan.js";
 import { SNAP_RULES, snapWidgetValue } from "./lib/snap.js";
 
 const LINE_PX = 15;
@@ -126,7 +126,7 @@ function createPlanWidget(node) {
     const widget = node.addDOMWidget(PLAN_WIDGET, "stepvideo_plan", box, {
       getValue: () => text,
       setValue: (v) => { text = v ?? ""; },
-      getMinHeight: () => Math.max(2, box.childElementCount) * LINE_PX + 8,
+      getMinHeight: () => Math.max(1, box.childElementCount) * LINE_PX + 14,
       serialize: false,
     });
     widget.serialize = false;
@@ -147,13 +147,9 @@ function currentHints(node) {
 
 function renderPlan(node, response) {
   if (response !== undefined) node.stepvideoPlan = response;
-  const isLoader = nodeClass(node) === MODEL_LOADER_NODE_ID;
-  const lines = [...currentHints(node), ...planLines(node.stepvideoPlan, { compact: isLoader })];
-  if (isLoader && node.stepvideoPlan?.request) {
-    const r = node.stepvideoPlan.request;
-    const from = downstreamSamplers(node).length ? "sampler's size" : "official size";
-    lines.unshift({ text: `plan for ${r.width}x${r.height}x${r.frames} (${from})`, level: "info" });
-  }
+  const lines = nodeClass(node) === MODEL_LOADER_NODE_ID
+    ? [loaderLine(node.stepvideoPlan)]
+    : [...currentHints(node), ...planLines(node.stepvideoPlan)];
   const widget = findWidget(node, PLAN_WIDGET) ?? createPlanWidget(node);
   const text = lines.map((line) => line.text).join("\n");
   widget.value = text;

@@ -96,12 +96,11 @@ export function advice(response) {
 }
 
 /**
- * Returns the plan as short lines `{ text, level }` for a node (at most about 50
- * characters, so they fit a node's width); level is "ok", "error" (will not fit: drawn
- * red), "info" or "hint" (notes from the server). `compact` keeps only the verdict and
- * the memory lines (for the loader, whose sampler shows the rest).
+ * Returns the plan as short lines `{ text, level }` for the sampler node (at most about
+ * 50 characters, so they fit a node's width); level is "ok", "error" (will not fit: drawn
+ * red), "info" or "hint" (notes from the server).
  */
-export function planLines(response, { compact = false } = {}) {
+export function planLines(response) {
   if (!response) return [{ text: "VRAM plan: …", level: "info" }];
   if (response.error) return [{ text: `plan: ${response.error}`, level: "error" }];
   const plan = response.plan ?? {};
@@ -110,7 +109,8 @@ export function planLines(response, { compact = false } = {}) {
   const gib = (bytes) => (Number(bytes) / GiB).toFixed(1);
   const blocks = `${plan.blocks_on_device}/${plan.num_blocks} blocks on GPU`;
   const cfg = plan.batch_cfg === false && response.request?.guided ? ", CFG 1 by 1" : "";
-  const free = `${gib(plan.free_bytes)} GiB ${device.assumed_free_bytes != null ? "assumed" : "free"}`;
+  const label = device.assumed_free_bytes != null ? "assumed" : "free";
+  const free = `${gib(plan.free_bytes)} GiB ${label}`;
   const lines = [];
   const add = (text, level = "info") => lines.push({ text, level });
   if (state === "unknown") {
@@ -120,17 +120,37 @@ export function planLines(response, { compact = false } = {}) {
     add(`✓ ${blocks}${plan.streamed_blocks ? `, ${plan.streamed_blocks} streamed` : ""}${cfg}`, "ok");
     add(`VRAM ${gib(plan.peak_bytes)} + ${gib(plan.reserve_bytes)} reserve of ${free}`);
   } else {
-    add(`✗ WILL NOT FIT: ${gib(plan.peak_bytes)} + ${gib(plan.reserve_bytes)} GiB > ${free}`, "error");
+    add(`✗ WILL NOT FIT: needs ${gib(plan.peak_bytes + plan.reserve_bytes)} GiB, ${gib(plan.free_bytes)} ${label}`,
+      "error");
     add(`${blocks}${cfg}`, "error");
     add(advice(response), "error");
   }
-  if (compact) return lines;
   add(`${response.weight_format} weights: ${formatBytes(response.weights_bytes)} in RAM`);
   const time = response.time;
   if (time) add(`≈ ${formatDuration(time.seconds_per_step)}/step, ≈ ${formatDuration(time.seconds)} total (rough)`);
   else add(`${formatFlops(response.flops_per_step)}/step × ${response.steps} steps (no time est.)`);
   for (const note of response.notes ?? []) add(note, "hint");
   return lines;
+}
+
+/**
+ * Returns the one line shown on the model loader: the verdict for the size of the sampler
+ * it feeds (the sampler shows the details), e.g. "992x544x204: ✓ 14/48 blocks on GPU".
+ */
+export function loaderLine(response) {
+  if (!response) return { text: "VRAM plan: …", level: "info" };
+  if (response.error) return { text: `plan: ${response.error}`, level: "error" };
+  const { plan = {}, request = {} } = response;
+  const size = `${request.width}x${request.height}x${request.frames}`;
+  const state = fitState(response);
+  if (state === "fits") {
+    return { text: `${size}: ✓ ${plan.blocks_on_device}/${plan.num_blocks} blocks on GPU`, level: "ok" };
+  }
+  if (state === "no") {
+    const need = ((plan.peak_bytes + plan.reserve_bytes) / GiB).toFixed(1);
+    return { text: `${size}: ✗ WILL NOT FIT (needs ${need} GiB)`, level: "error" };
+  }
+  return { text: `${size}: no VRAM to plan (CPU server)`, level: "info" };
 }
 
 /** Returns the plan's lines joined as plain text (what the widget's value holds). */
@@ -158,8 +178,9 @@ export function queueWarnings(entries) {
   for (const { title, response } of entries ?? []) {
     if (fitState(response) !== "no") continue;
     const plan = response.plan ?? {};
+    const label = response.device?.assumed_free_bytes != null ? "assumed free" : "free";
     out.push(`${title}: needs about ${formatBytes(plan.peak_bytes + plan.reserve_bytes)} of VRAM, `
-      + `${formatBytes(plan.free_bytes)} free; the run will likely fail with out of memory (${advice(response)})`);
+      + `${formatBytes(plan.free_bytes)} ${label}; the run will likely fail with out of memory (${advice(response)})`);
   }
   return out;
 }

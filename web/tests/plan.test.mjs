@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
 import { ASSUMED_VRAM_SETTING, LOADER_FIELDS, PLAN_ROUTE, PLAN_WIDGET, SAMPLER_FIELDS, advice, fitState,
-  formatBytes, formatDuration, formatFlops, planLines, planParams, planQuery, planText, planTooltip,
+  formatBytes, formatDuration, formatFlops, loaderLine, planLines, planParams, planQuery, planText, planTooltip,
   queueWarnings } from "../lib/plan.js";
 
 // Real answers of GET /stepvideo/plan, written by tests/nodes/test_routes.py (which fails when
@@ -85,7 +85,7 @@ test("a streamed plan names the streamed blocks", () => {
 test("a plan that does not fit is red and says what to change", () => {
   const lines = planLines(NO_FIT);
   assert.equal(lines[0].level, "error");
-  assert.match(lines[0].text, /^✗ WILL NOT FIT: 66\.0 \+ 4\.3 GiB > 23\.0 GiB free$/);
+  assert.equal(lines[0].text, "✗ WILL NOT FIT: needs 70.3 GiB, 23.0 free");
   assert.equal(lines[1].level, "error");
   assert.deepEqual(lines[1], { text: "48/48 blocks on GPU, CFG 1 by 1", level: "error" });
   assert.deepEqual(lines[2], { text: "try fp8_scaled, blocks auto, smaller video", level: "error" });
@@ -101,10 +101,13 @@ test("a CPU server shows what a GPU would need and no time", () => {
   assert.ok(lines.every((line) => line.level === "info"));
 });
 
-test("compact lines keep only the verdict and memory (loader node)", () => {
-  assert.equal(planLines(FITS, { compact: true }).length, 2);
-  assert.equal(planLines(CPU, { compact: true }).length, 2);
-  assert.equal(planLines(NO_FIT, { compact: true })[0].level, "error");
+test("the loader gets one verdict line for its sampler's size", () => {
+  assert.deepEqual(loaderLine(FITS), { text: "992x544x204: ✓ 48/48 blocks on GPU", level: "ok" });
+  assert.deepEqual(loaderLine(STREAMS), { text: "992x544x102: ✓ 5/48 blocks on GPU", level: "ok" });
+  assert.deepEqual(loaderLine(NO_FIT), { text: "992x544x204: ✗ WILL NOT FIT (needs 70.3 GiB)", level: "error" });
+  assert.deepEqual(loaderLine(CPU), { text: "64x64x17: no VRAM to plan (CPU server)", level: "info" });
+  assert.equal(loaderLine(BAD).level, "error");
+  assert.equal(loaderLine(undefined).text, "VRAM plan: …");
 });
 
 test("errors and pending answers have one line", () => {
@@ -122,7 +125,7 @@ test("lines stay short enough for a node", () => {
   const notes = ["no model chosen: planned for the 30B release", "model not read: planned for the 30B release",
     "auto dtype, format unknown: planned as fp32"];
   for (const response of [FITS, STREAMS, NO_FIT, { ...CPU, notes }]) {
-    for (const line of planLines(response)) assert.ok(line.text.length <= 50, line.text);
+    for (const line of [...planLines(response), loaderLine(response)]) assert.ok(line.text.length <= 50, line.text);
   }
 });
 
@@ -146,4 +149,6 @@ test("queueWarnings lists only samplers that will not fit", () => {
   assert.equal(warnings.length, 1);
   assert.match(warnings[0], /^StepVideo Sampler #7: needs about 70\.3 GiB of VRAM, 23\.0 GiB free; .*out of memory/);
   assert.deepEqual(queueWarnings(undefined), []);
+  const assumed = { ...NO_FIT, device: { ...NO_FIT.device, assumed_free_bytes: 24 * 2 ** 30 } };
+  assert.match(queueWarnings([{ title: "S", response: assumed }])[0], /23\.0 GiB assumed free;/);
 });
