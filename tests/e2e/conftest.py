@@ -1,0 +1,62 @@
+"""Fixtures of the end-to-end tests: one real ComfyUI server per test session (started on first use).
+
+Needs ``COMFYUI_DIR`` (a ComfyUI source tree, v0.33+) and an interpreter with ComfyUI's
+requirements plus this pack's (``COMFYUI_PYTHON``, default: the one running pytest), e.g.
+``COMFYUI_DIR=~/comfy/ComfyUI ~/comfy/venv/bin/python -m pytest -q tests/e2e``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.comfy_server import COMFYUI_DIR, NO_COMFYUI, ComfyServer, make_base_dir
+
+# What main.py and the pack import at start (a venv without them cannot run the server).
+SERVER_IMPORTS = ("aiohttp", "torch", "torchaudio", "safetensors", "sentencepiece", "transformers", "av")
+
+
+def comfy_python() -> str:
+    return os.environ.get("COMFYUI_PYTHON") or sys.executable
+
+
+def missing_imports(python: str) -> list[str]:
+    """The modules of :data:`SERVER_IMPORTS` that ``python`` cannot import."""
+    code = ("import importlib.util, sys\n"
+            f"print(' '.join(m for m in {SERVER_IMPORTS!r} if importlib.util.find_spec(m) is None))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        return [f"(cannot run {python}: {out.stderr.strip()[-200:]})"]
+    return out.stdout.split()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A started :class:`ComfyServer` (``--cpu``, loopback, free port) with this pack and tiny models."""
+    if not COMFYUI_DIR:
+        pytest.skip(NO_COMFYUI)
+    comfyui_dir = Path(COMFYUI_DIR).expanduser()
+    if not (comfyui_dir / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py")
+    python = comfy_python()
+    missing = missing_imports(python)
+    if missing:
+        pytest.skip(f"{python} cannot import {missing}: run with ComfyUI's venv or set COMFYUI_PYTHON "
+                    f"(and pip install -r requirements.txt into it)")
+    pytest.importorskip("websocket", reason="websocket-client is needed: pip install websocket-client")
+
+    from stepvideo_core.tiny import cached_tiny_release
+
+    release, _ = cached_tiny_release()
+    base = make_base_dir(tmp_path_factory.mktemp("comfy-base"), release)
+    extra = shlex.split(os.environ.get("STEPVIDEO_E2E_COMFY_ARGS", ""))
+    server = ComfyServer(comfyui_dir, base, python=python, extra_args=extra).start()
+    try:
+        yield server
+    finally:
+        server.stop()

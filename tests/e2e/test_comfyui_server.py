@@ -1,0 +1,158 @@
+"""The pack in a real ComfyUI server (``main.py --cpu`` on loopback, tiny models): the shipped
+API workflows run through ``/prompt`` with progress on the websocket and an mp4 behind
+``/history`` + ``/view``; bad inputs come back as ``node_errors``; ``/interrupt`` stops a
+sampler mid-run; the memory-plan route answers.
+
+Skipped unless COMFYUI_DIR is set (see tests/e2e/conftest.py and the README's e2e section).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.comfy_server import COMFYUI_DIR, NO_COMFYUI, REPO_ROOT
+
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason=NO_COMFYUI)
+
+API_WORKFLOWS = sorted((REPO_ROOT / "workflows" / "api").glob("*.json"))
+TINY = dict(width=64, height=48, frames=17, steps=2)  # 3 latent frames x 3 x 4 tokens
+SAMPLER = "StepVideoSampler"
+
+
+def load_api(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def node_id(prompt: dict, class_type: str) -> str:
+    (found,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    return found
+
+
+def tiny(prompt: dict, **overrides) -> dict:
+    """The API graph with every sampler shrunk to the tiny size (and any other overrides)."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] == SAMPLER:
+            node["inputs"].update(TINY, **overrides)
+    return prompt
+
+
+def video_facts(data: bytes, tmp_path: Path) -> dict:
+    """Frame count, size and codec of an mp4 (PyAV decodes every frame)."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "out.mp4"
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return {"frames": frames, "width": stream.codec_context.width, "height": stream.codec_context.height,
+                "codec": stream.codec_context.name}
+
+
+def test_pack_imports_and_every_node_is_listed(comfy_server, pack):
+    log = comfy_server.log_text()
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log, comfy_server.log_tail()
+    status, info = comfy_server.get("/object_info")
+    assert status == 200
+    missing = sorted(set(pack.NODE_CLASS_MAPPINGS) - set(info))
+    assert not missing, f"nodes missing from /object_info: {missing}"
+    assert info[SAMPLER]["python_module"].startswith("custom_nodes.")
+
+
+def test_shipped_model_names_are_offered(comfy_server):
+    """The workflows name the README's layout; the tiny files are laid out the same way."""
+    _, info = comfy_server.get("/object_info")
+    for path in API_WORKFLOWS:
+        for node in load_api(path).values():
+            spec = info.get(node["class_type"], {}).get("input", {}).get("required", {})
+            for name, value in node["inputs"].items():
+                options = spec.get(name, [None])[0]
+                if isinstance(options, list) and name in ("model", "step_llm", "hunyuan_clip", "vae_name"):
+                    assert value in options, f"{path.name}: {node['class_type']}.{name}={value!r} not in {options}"
+
+
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_api_workflow_makes_an_mp4(comfy_server, workflow, tmp_path):
+    prompt = tiny(load_api(workflow))
+    sampler = node_id(prompt, SAMPLER)
+    result = comfy_server.run(prompt, timeout=600)
+    assert result.status == "success", json.dumps(result.history, indent=1)[-3000:]
+    assert result.of_type("execution_success"), result.messages
+
+    progress = [d for d in result.of_type("progress") if d.get("node") == sampler]
+    assert progress, "no progress message from the sampler"
+    assert {d["max"] for d in progress} == {TINY["steps"]} and progress[-1]["value"] == TINY["steps"]
+    assert result.binary_frames >= 1  # latent previews, sent as binary websocket frames
+
+    (video,) = result.output_files(".mp4")
+    facts = video_facts(comfy_server.view(video), tmp_path)
+    assert facts == {"frames": TINY["frames"], "width": TINY["width"], "height": TINY["height"], "codec": "h264"}
+    summary = result.history["outputs"][sampler]["text"][0]
+    assert f"{TINY['steps']} steps" in summary and "64x48x17" in summary
+
+
+def test_bad_inputs_come_back_as_node_errors(comfy_server):
+    prompt = tiny(load_api(API_WORKFLOWS[0]))
+    sampler = node_id(prompt, SAMPLER)
+    loader = node_id(prompt, "StepVideoModelLoader")
+    prompt[sampler]["inputs"]["width"] = 0
+    prompt[loader]["inputs"]["model"] = "no-such-model"
+    status, body = comfy_server.submit(prompt, "e2e-bad-input")
+    assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+    errors = body["node_errors"]
+    assert {e["type"] for e in errors[sampler]["errors"]} == {"value_smaller_than_min"}
+    assert errors[sampler]["errors"][0]["extra_info"]["input_name"] == "width"
+    assert errors[loader]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_size_off_the_grid_fails_with_the_nearest_valid_values(comfy_server):
+    """ComfyUI checks only min/max; frames=20 reaches the sampler, which names what would work."""
+    prompt = tiny(load_api(API_WORKFLOWS[0]), frames=20, seed=7)
+    result = comfy_server.run(prompt, timeout=300)
+    assert result.status == "error"
+    (error,) = result.of_type("execution_error")
+    assert error["node_type"] == SAMPLER
+    assert "nearest valid: 17 or 34" in error["exception_message"]
+
+
+def test_interrupt_mid_sampling_then_the_next_run_succeeds(comfy_server):
+    workflow = load_api(API_WORKFLOWS[0])
+    long_run = tiny(workflow, width=256, height=256, frames=34, steps=1000, seed=11)
+    sampler = node_id(long_run, SAMPLER)
+    sent = threading.Event()
+
+    def interrupt_on_first_step(kind, data, result):
+        if kind == "progress" and data.get("node") == sampler and not sent.is_set():
+            sent.set()
+            status, _ = comfy_server.post("/interrupt", {"prompt_id": result.prompt_id})
+            assert status == 200
+
+    result = comfy_server.run(long_run, timeout=600, on_message=interrupt_on_first_step)
+    assert sent.is_set(), "the sampler never reported progress"
+    assert result.of_type("execution_interrupted"), result.messages[-5:]
+    assert result.status == "error"
+    steps_seen = max(d["value"] for d in result.of_type("progress") if d.get("node") == sampler)
+    assert steps_seen < 1000
+    assert result.seconds < 300
+
+    after = comfy_server.run(tiny(workflow, seed=12), timeout=600)
+    assert after.status == "success", json.dumps(after.history, indent=1)[-3000:]
+    assert after.output_files(".mp4")
+
+
+def test_plan_route_answers_for_the_chosen_model(comfy_server):
+    status, body = comfy_server.get("/api/stepvideo/plan?width=64&height=48&frames=17&model=stepvideo-t2v")
+    assert status == 200
+    assert body["device"]["type"] == "cpu" and body["fits"] is None
+    assert body["model"] == {"name": "stepvideo-t2v", "found": True, "layers": 2, "width": 256,
+                             "stored_format": "full", "error": None}
+    assert body["plan"]["tokens"] == 3 * 3 * 4
+    status, body = comfy_server.get("/stepvideo/plan?free_gb=24&weight_dtype=fp8_scaled")
+    assert status == 200 and body["fits"] is True and body["plan"]["free_bytes"] == 24 * 2**30
+    status, body = comfy_server.get("/api/stepvideo/plan?frames=100")
+    assert status == 400 and "nearest valid: 85 or 102" in body["error"]
