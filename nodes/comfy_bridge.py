@@ -346,26 +346,25 @@ def device_memory(device: torch.device | None = None) -> dict:
 
     Keys: ``type`` ("cuda", "cpu", ...), ``name`` (e.g. "NVIDIA GeForce RTX 4090"),
     ``free_bytes`` and ``total_bytes`` (None on the CPU, where there is no VRAM to plan),
-    and ``freeable_bytes``: memory held by models ComfyUI manages on that device, which the
-    sampler asks ComfyUI to unload before it plans (0 outside ComfyUI or when unknown).
+    and ``freeable_bytes``: what this process's tensors occupy on a CUDA device right now --
+    models ComfyUI keeps loaded (the sampler asks ComfyUI to unload them before it plans)
+    and whatever a run in progress holds. ``free_bytes + freeable_bytes`` is then the memory
+    a run can have, and it does not drop while a run holds the GPU.
     """
     device = torch.device(device) if device is not None else torch_device()
     info = {"type": device.type, "name": device.type, "free_bytes": None, "total_bytes": None,
             "freeable_bytes": 0}
     if device.type == "cpu":
         return info
-    if device.type == "cuda" and torch.cuda.is_available():
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if cuda:
         info["name"] = torch.cuda.get_device_name(device)
+        info["freeable_bytes"] = int(torch.cuda.memory_allocated(device))
     info["free_bytes"] = free_vram(device)
     mm = _comfy("comfy.model_management")
     if mm is not None:
         info["total_bytes"] = int(mm.get_total_memory(device))
-        try:  # ComfyUI's bookkeeping of loaded models; an internal list, so tolerate its absence
-            info["freeable_bytes"] = int(sum(m.model_loaded_memory() for m in mm.current_loaded_models
-                                             if torch.device(m.device) == device))
-        except Exception:  # noqa: BLE001 - a changed internal must never break the plan
-            info["freeable_bytes"] = 0
-    elif device.type == "cuda" and torch.cuda.is_available():
+    elif cuda:
         info["total_bytes"] = int(torch.cuda.mem_get_info(device)[1])
     return info
 

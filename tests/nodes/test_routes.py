@@ -243,17 +243,17 @@ def test_add_route_registers_once_and_answers_json(bridge, monkeypatch):
     assert response.status == 500 and "RuntimeError: broken" in json.loads(response.text)["error"]
 
 
-def test_device_memory_reads_comfyui(bridge, monkeypatch):
+def test_device_memory_reads_comfyui_and_this_process_usage(bridge, monkeypatch):
     import torch
 
-    loaded = [types.SimpleNamespace(device=torch.device("cuda", 0), model_loaded_memory=lambda: 3 * GiB),
-              types.SimpleNamespace(device=torch.device("cpu"), model_loaded_memory=lambda: 5 * GiB)]
     mm = types.SimpleNamespace(get_free_memory=lambda dev: 10 * GiB, get_total_memory=lambda dev: 24 * GiB,
-                               current_loaded_models=loaded, get_torch_device=lambda: torch.device("cuda", 0))
+                               get_torch_device=lambda: torch.device("cuda", 0))
     monkeypatch.setitem(bridge._MODULES, "comfy.model_management", mm)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no real GPU query in this test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a pretend GPU: nothing below touches one
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 3 * GiB)
     info = bridge.device_memory(torch.device("cuda", 0))
-    assert info == {"type": "cuda", "name": "cuda", "free_bytes": 10 * GiB, "total_bytes": 24 * GiB,
+    assert info == {"type": "cuda", "name": "Pretend GPU", "free_bytes": 10 * GiB, "total_bytes": 24 * GiB,
                     "freeable_bytes": 3 * GiB}
     assert bridge.device_memory(torch.device("cpu"))["free_bytes"] is None
 
