@@ -14,10 +14,7 @@ import torch
 
 from stepvideo_core import load_transformer
 from tests.factory import write_dit_checkpoint
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+from tests.oracle import rel_err
 
 
 def load_fixture_model(fx, tmp_path, dtype):

@@ -5,34 +5,25 @@ plain causal); we match both: max relative error max|ours-ref|/max|ref| <= 1e-5
 (reached: 9.1e-7 and 9.0e-7).
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from stepvideo_core.text.step_llm import alibi_slopes, build_step_llm, causal_bias
-
-FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "stepvideo_llm_tiny.safetensors"
+from tests.oracle import OracleFixture, rel_err
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    with safe_open(str(FIXTURE), framework="pt") as f:
-        return json.loads(f.metadata()["oracle"]), {k: f.get_tensor(k) for k in f.keys()}
+    return OracleFixture("stepvideo_llm_tiny.safetensors")
 
 
-@pytest.mark.parametrize("alibi, key", [(True, "outputs.alibi_sqrt"), (False, "outputs.causal")])
+@pytest.mark.parametrize("alibi, key", [(True, "alibi_sqrt"), (False, "causal")])
 def test_matches_official_with_both_attention_standins(fixture, alibi, key):
-    meta, tensors = fixture
-    state = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-    model = build_step_llm(meta["config"], device="cpu", dtype=torch.float32, alibi=alibi)
-    model.load_state_dict(state)
+    model = build_step_llm(fixture.config, device="cpu", dtype=torch.float32, alibi=alibi)
+    model.load_state_dict(fixture.state_dict)
     with torch.no_grad():
-        out = model(tensors["inputs.input_ids"], tensors["inputs.attention_mask"])
-    ref = tensors[key]
-    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+        out = model(fixture.inputs["input_ids"], fixture.inputs["attention_mask"])
+    assert rel_err(out, fixture.outputs[key]) <= 1e-5
 
 
 def test_released_architecture_has_the_289_checkpoint_tensors():

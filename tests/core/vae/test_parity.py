@@ -10,7 +10,7 @@ blending 1.9e-6, final decode 1.9e-6 (the residue is summation order in the conv
 import pytest
 import torch
 
-from tests.core.vae.conftest import rel_err
+from tests.oracle import rel_err
 
 TOL = 1e-5
 

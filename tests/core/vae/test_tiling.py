@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stepvideo_core.vae.model import feather, tile_starts
-from tests.core.vae.conftest import rel_err
+from tests.oracle import rel_err
 
 
 def test_tile_starts_cover_with_overlap():
