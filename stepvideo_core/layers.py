@@ -18,5 +18,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # in place when x.float() made a copy (same values, one fp32 buffer fewer); never on x itself
+        normed = xf.mul_(scale) if xf is not x else xf * scale
+        out = normed.type_as(x)
+        return out.mul_(self.weight) if out is not x else out * self.weight

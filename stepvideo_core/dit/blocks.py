@@ -42,7 +42,10 @@ class SelfAttention(nn.Module):
         q, k, v = torch.split(qkv, self.head_dim, dim=-1)
         q = apply_rope(self.q_norm(q), rope)
         k = apply_rope(self.k_norm(k), rope)
+        v = v.contiguous()  # an exact copy of v lets the fused q|k|v buffer (3 hidden-state copies) go now
+        del qkv
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend)
+        del q, k, v
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -80,7 +83,8 @@ class GELUProjection(nn.Module):
         self.proj = operations.Linear(dim_in, dim_out, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        # in place: same kernel and values as F.gelu, without a second 4x-wide buffer
+        return torch.ops.aten.gelu_(self.proj(x), approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -120,9 +124,13 @@ class StepVideoBlock(nn.Module):
         modulation = self.scale_shift_table[None] + t6.reshape(-1, 6, self.dim)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, rope, backend) + x
+        # Each line is the official expression evaluated in place on a fresh tensor: the same
+        # elementwise operations in the same order (so the same bits), fewer live buffers.
+        h = self.norm1(x).mul_(1 + scale_msa).add_(shift_msa)
+        attn = self.attn1(h, rope, backend)
+        del h
+        x = attn.mul_(gate_msa).add_(x)                       # gate_msa * attn + x
         # cross-attention reads the residual stream itself: no norm, no modulation, no gate
-        x = self.attn2(x, context, mask, backend) + x
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        return gate_mlp * self.ff(h) + x
+        x = self.attn2(x, context, mask, backend).add_(x)     # cross + x
+        h = self.norm2(x).mul_(1 + scale_mlp).add_(shift_mlp)
+        return self.ff(h).mul_(gate_mlp).add_(x)              # gate_mlp * ff + x

@@ -57,4 +57,5 @@ def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.
     cos, signed_sin, partner = tables
     cos = cos[None, :, None, :]
     signed_sin = signed_sin[None, :, None, :]
-    return x * cos + x[..., partner] * signed_sin
+    out = x * cos
+    return out.add_(x[..., partner].mul_(signed_sin))  # in place on fresh tensors: same values

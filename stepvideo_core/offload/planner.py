@@ -14,19 +14,23 @@ a the activation size (2 bytes for bf16/fp16, 4 for fp32), let U = B*L*D*a
   + ``resident`` blocks + one device slot per streamed block, at most two
   (double buffering); with fp8 storage a block's Linear weights take 1 byte per
   weight plus an fp32 scale per output row, its norms and tables ``a`` bytes.
-* **activations**: ``13 U`` (``12 U`` in fp32) + the RoPE tables (2*L*128*a) +
-  four copies of the text context (B*S*D*a, S = 77 + 320 tokens).  13 U is
-  what is alive at the peak of a block: the patch-embedded input and the block
-  input (2 U), ``h`` and the fused q|k|v (4 U), the rotated q (1 U) and the
-  fp32 statistics of the k RMSNorm (4 U in bf16 terms) plus its outputs; the
-  FFN's GELU point is level with it (2 + 1 + 4 + 4 U).  These constants were
-  measured by counting live tensors while the real block code runs
-  (``tests/core/offload/livebytes.py``; ``test_planner.py`` re-measures them).
+* **activations**: ``9.5 U`` (``8.5 U`` in fp32) + the RoPE tables (2*L*128*a) +
+  four copies of the text context (B*S*D*a, S = 77 + 320 tokens).  The peak of a
+  block is the k RMSNorm: the block input and the modulated ``h`` (2 U), the fused
+  q|k|v (3 U), the rotated q (1 U) and the fp32 copy of k with its squares (4 U in
+  bf16 terms); the FFN point is lower (2 + 4 U, GELU in place).  These constants
+  were measured by counting live tensors while the real block code runs
+  (``tests/core/offload/livebytes.py``; ``test_planner.py`` re-measures them: 9.25 U
+  and 8.23 U at the time of writing, after the block code stopped keeping the
+  patch-embedded input and the fused q|k|v alive beside later buffers).
 * **attention**: fused kernels (SDPA flash/memory-efficient, flash_attn) need
   no L x L buffer, so the backend only adds temporaries at the attention call,
-  where 9 U are alive: SageAttention's int8/fp8 copies of q, k, v (+1.5 U)
-  stay below the 13 U peak.  The unfused SDPA "math" kernel is never used by
-  torch on CUDA for these inputs and is not modelled.
+  where 4.5 U are alive (x, h, q, k, v): SageAttention's int8/fp8 copies of q, k,
+  v (+1.5 U) stay below the block's peak.  The unfused SDPA "math" kernel is
+  never used by torch on CUDA for these inputs and is not modelled.
+* **fp8 matmul**: with fp8 weights the FFN's second Linear quantises its 4D-wide
+  input to fp8 (2 U) next to the GELU output, which lifts that point to about
+  10.25 U (measured); fp8 plans count ``PEAK_UNITS + 1 U``.
 * **workspace**: fp8 weights add two dequantised copies of the largest Linear
   weight (the dequantise path; the fp8-matmul path needs less: an fp8 copy of
   the input and 128 MB of fp32 chunks), counted in full to cover both.
@@ -48,8 +52,9 @@ CLIP_TOKENS, LLM_TOKENS = 77, 320
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "fp8_scaled")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "sageattention")
-PEAK_UNITS = {2: 13.0, 4: 12.0}         # live activation copies at a block's peak, by activation bytes
-ATTENTION_LIVE_UNITS = 9.0              # alive when attention runs
+PEAK_UNITS = {2: 9.5, 4: 8.5}           # live activation copies at a block's peak, by activation bytes
+ATTENTION_LIVE_UNITS = 4.5              # alive when attention runs
+FP8_MATMUL_EXTRA_UNITS = 1.0            # fp8 copy of the FFN's wide input (see the docstring)
 ATTENTION_EXTRA_UNITS = {"auto": 1.5, "sdpa": 0.0, "flash_attn": 0.0, "sageattention": 1.5}
 CONTEXT_COPIES = 4
 RESERVE_FIXED = 1 * GiB
@@ -128,7 +133,8 @@ def estimate_peak(width: int, height: int, frames: int, *, blocks_on_device: int
     a = ACTIVATION_BYTES[_compute_dtype(weight_format, compute_dtype)]
     L = latent_tokens(width, height, frames)
     unit = cfg_batch * L * d["D"] * a
-    units = max(PEAK_UNITS[a], ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[attention])
+    peak_units = PEAK_UNITS[a] + (FP8_MATMUL_EXTRA_UNITS if weight_format == "fp8_scaled" else 0.0)
+    units = max(peak_units, ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[attention])
     activations = (units * unit + 2 * L * d["head_dim"] * a
                    + CONTEXT_COPIES * cfg_batch * (CLIP_TOKENS + LLM_TOKENS) * d["D"] * a)
     workspace = 2 * parameter_counts(config)["largest_linear"] * a if weight_format == "fp8_scaled" else 0

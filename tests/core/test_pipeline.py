@@ -73,7 +73,7 @@ def test_presets_and_plans():
     gib = 1 << 30
     fp8 = plan_blocks(config, device=torch.device("cuda"), weight_format="fp8_scaled", free_bytes=22 * gib, **common)
     bf16 = plan_blocks(config, device=torch.device("cuda"), weight_format="full", free_bytes=22 * gib, **common)
-    assert 0 < bf16["blocks_on_device"] < fp8["blocks_on_device"] < 48 and fp8["fits"]
+    assert bf16["fits"] and fp8["fits"] and bf16["blocks_on_device"] < fp8["blocks_on_device"] < 48
     fixed = plan_blocks(config, device=torch.device("cuda"), weight_format="full", free_bytes=22 * gib,
                         blocks_on_device=3, **common)
     assert fixed["blocks_on_device"] == 3

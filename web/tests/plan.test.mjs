@@ -72,20 +72,20 @@ test("formatters pick readable units", () => {
 test("a plan that fits says how many blocks stay on the GPU", () => {
   const lines = planLines(FITS);
   assert.deepEqual(lines[0], { text: "✓ 48/48 blocks on GPU", level: "ok" });
-  assert.match(lines[1].text, /^VRAM 50\.9 \+ \d+\.\d reserve of 79\.0 GiB free$/);
+  assert.match(lines[1].text, /^VRAM 46\.5 \+ \d+\.\d reserve of 79\.0 GiB free$/);
   assert.equal(lines[2].text, "fp8_scaled weights: 27.7 GiB in RAM");
   assert.match(lines[3].text, /^≈ 43 s\/step, ≈ 36 min total \(rough\)$/);
   assert.ok(lines.every((line) => line.level !== "error"));
 });
 
 test("a streamed plan names the streamed blocks", () => {
-  assert.equal(planLines(STREAMS)[0].text, "✓ 5/48 blocks on GPU, 43 streamed");
+  assert.equal(planLines(STREAMS)[0].text, "✓ 8/48 blocks on GPU, 40 streamed");
 });
 
 test("a plan that does not fit is red and says what to change", () => {
   const lines = planLines(NO_FIT);
   assert.equal(lines[0].level, "error");
-  assert.equal(lines[0].text, "✗ WILL NOT FIT: needs 70.3 GiB, 23.0 free");
+  assert.equal(lines[0].text, "✗ WILL NOT FIT: needs 67.1 GiB, 23.0 free");
   assert.equal(lines[1].level, "error");
   assert.deepEqual(lines[1], { text: "48/48 blocks on GPU, CFG 1 by 1", level: "error" });
   assert.deepEqual(lines[2], { text: "try fp8_scaled, blocks auto, smaller video", level: "error" });
@@ -95,7 +95,7 @@ test("a plan that does not fit is red and says what to change", () => {
 test("a CPU server shows what a GPU would need and no time", () => {
   const lines = planLines(CPU);
   assert.equal(lines[0].text, "CPU server: no VRAM to plan");
-  assert.match(lines[1].text, /^a GPU needs 14\.8 MiB \+ 1\.0 GiB reserve$/);
+  assert.match(lines[1].text, /^a GPU needs 14\.5 MiB \+ 1\.0 GiB reserve$/);
   assert.equal(lines[2].text, "fp32 weights: 10.6 MiB in RAM");
   assert.equal(lines[3].text, "856 MFLOP/step × 50 steps (no time est.)");
   assert.ok(lines.every((line) => line.level === "info"));
@@ -103,8 +103,8 @@ test("a CPU server shows what a GPU would need and no time", () => {
 
 test("the loader gets one verdict line for its sampler's size", () => {
   assert.deepEqual(loaderLine(FITS), { text: "992x544x204: ✓ 48/48 blocks on GPU", level: "ok" });
-  assert.deepEqual(loaderLine(STREAMS), { text: "992x544x102: ✓ 5/48 blocks on GPU", level: "ok" });
-  assert.deepEqual(loaderLine(NO_FIT), { text: "992x544x204: ✗ WILL NOT FIT (needs 70.3 GiB)", level: "error" });
+  assert.deepEqual(loaderLine(STREAMS), { text: "992x544x102: ✓ 8/48 blocks on GPU", level: "ok" });
+  assert.deepEqual(loaderLine(NO_FIT), { text: "992x544x204: ✗ WILL NOT FIT (needs 67.1 GiB)", level: "error" });
   assert.deepEqual(loaderLine(CPU), { text: "64x64x17: no VRAM to plan (CPU server)", level: "info" });
   assert.equal(loaderLine(BAD).level, "error");
   assert.equal(loaderLine(undefined).text, "VRAM plan: …");
@@ -147,7 +147,7 @@ test("queueWarnings lists only samplers that will not fit", () => {
     { title: "StepVideo Sampler #10", response: BAD },
   ]);
   assert.equal(warnings.length, 1);
-  assert.match(warnings[0], /^StepVideo Sampler #7: needs about 70\.3 GiB of VRAM, 23\.0 GiB free; .*out of memory/);
+  assert.match(warnings[0], /^StepVideo Sampler #7: needs about 67\.1 GiB of VRAM, 23\.0 GiB free; .*out of memory/);
   assert.deepEqual(queueWarnings(undefined), []);
   const assumed = { ...NO_FIT, device: { ...NO_FIT.device, assumed_free_bytes: 24 * 2 ** 30 } };
   assert.match(queueWarnings([{ title: "S", response: assumed }])[0], /23\.0 GiB assumed free;/);
