@@ -146,7 +146,8 @@ def generate(args) -> int:
     device = torch.device(args.device) if args.device else None
     pipe = StepVideoPipeline(files, device=device, dtype=None if args.dtype == "default" else DTYPES[args.dtype],
                              weight_format=args.weights, attention=args.attention,
-                             blocks_on_device=args.blocks_on_device, text_plan=args.text_plan)
+                             blocks_on_device=args.blocks_on_device, text_plan=args.text_plan,
+                             loras=[parse_lora(spec) for spec in args.lora])
     print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames on {pipe.device} "
           f"({str(pipe.dtype).replace('torch.', '')}) -> {args.out}")
     result = pipe.generate(args.prompt, NEGATIVE_PROMPT if args.negative is None else args.negative,
@@ -213,6 +214,9 @@ def add_generate_parser(sub) -> None:
                                                              "machine (default 1234)")
     run.add_argument("--negative", help="negative prompt (default: the official one)")
     run.add_argument("--no-magic", action="store_true", help="do not append the official quality suffix")
+    run.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="a LoRA / .diff adapter (.safetensors) with an optional strength (default 1); repeat to "
+                          "stack several")
     dev = p.add_argument_group("device and memory")
     dev.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     dev.add_argument("--dtype", choices=["default", *sorted(DTYPES)], default="default",
@@ -230,6 +234,17 @@ def add_generate_parser(sub) -> None:
     vid.add_argument("--crf", type=int, help="H.264 quality, lower is better (default 23)")
     vid.add_argument("--crop-540p", action="store_true",
                      help="center-crop to 540x960 (960x540 portrait) like the official pipeline")
+
+
+def parse_lora(spec: str) -> tuple:
+    """(path, strength) of a ``--lora FILE[:STRENGTH]`` argument (a Windows drive colon is not a strength)."""
+    path, sep, strength = spec.rpartition(":")
+    if sep and path and not strength.startswith(("\\", "/")):
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

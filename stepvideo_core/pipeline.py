@@ -19,7 +19,8 @@ import gc
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from contextlib import nullcontext
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -160,13 +161,20 @@ class StepVideoPipeline:
     the release's).  The text encoder is freed after every encode; the DiT and the VAE
     are dropped at the end of :meth:`generate` unless ``keep_models`` (then later calls
     skip loading them, but the text encoder and the DiT share RAM while encoding).
+    ``loras``: (path, strength) pairs, applied for each sampling run exactly as the
+    StepVideoLoraLoader nodes chain them (validated against the DiT when it loads).
     """
 
     def __init__(self, files: ModelFiles, *, device: Union[None, str, torch.device] = None,
                  dtype: Optional[torch.dtype] = None, weight_format: str = "auto", attention: str = "sdpa",
                  blocks_on_device: Union[str, int] = "auto", text_plan: str = "auto",
-                 text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True, keep_models: bool = False):
+                 text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True, keep_models: bool = False,
+                 loras: Sequence[tuple] = ()):
         self.files = files
+        self.loras = [(Path(path), float(strength)) for path, strength in loras]
+        missing = [str(path) for path, _ in self.loras if not path.exists()]
+        if missing:
+            raise CheckpointError(f"LoRA file not found: {', '.join(missing)}")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         if text_plan not in PLANS:
@@ -179,6 +187,7 @@ class StepVideoPipeline:
         self.text_plan, self.text_dtype, self.alibi = text_plan, text_dtype, alibi
         self.keep_models = keep_models
         self._transformer = None
+        self._adapters: tuple = ()
         self._vae = None
 
     # -- phases ----------------------------------------------------------------
@@ -221,7 +230,19 @@ class StepVideoPipeline:
             log.info("DiT loaded in %.1f s: %d blocks, width %d, %s weights, compute %s on %s",
                      time.perf_counter() - start, cfg.num_layers, cfg.inner_dim, self._transformer.weight_format,
                      DTYPE_NAMES.get(self.dtype, self.dtype), self.device)
+            self._adapters = tuple(self._load_adapters(self._transformer))
         return self._transformer
+
+    def _load_adapters(self, model: torch.nn.Module) -> list:
+        """The ``loras`` read and validated against ``model`` (zero matches is an error), as LoraEntry."""
+        from .lora import LoraEntry, load_lora
+
+        entries = []
+        for path, strength in self.loras:
+            adapter = load_lora(path, model)
+            log.info("LoRA %s (strength %g): %s", path.name, strength, adapter.report().replace("\n", "; "))
+            entries.append(LoraEntry(adapter, strength))
+        return entries
 
     def vae(self):
         """The VAE, loaded on first use on :attr:`device`."""
@@ -247,11 +268,16 @@ class StepVideoPipeline:
         log.info("block plan: %s", plan["message"])
         streamed = plan["blocks_on_device"] < model.config.num_layers
         update = progress("sampling", steps) if progress else None
-        latents = sample(model, positive, negative if guided else None, width=width, height=height,
-                         frames=frames, steps=steps, cfg=cfg, shift=shift, seed=seed, device=self.device,
-                         blocks_on_device=plan["blocks_on_device"] if streamed else None,
-                         batch_cfg=plan["batch_cfg"], should_stop=should_stop,
-                         on_step=(lambda i, n, _latents: update(i, n)) if update else None)
+        adapters = nullcontext()
+        if self._adapters:  # same call as the sampler node: exact base weights back afterwards
+            from .lora import attached
+            adapters = attached(model, self._adapters, blocks_on_device=plan["blocks_on_device"])
+        with adapters:
+            latents = sample(model, positive, negative if guided else None, width=width, height=height,
+                             frames=frames, steps=steps, cfg=cfg, shift=shift, seed=seed, device=self.device,
+                             blocks_on_device=plan["blocks_on_device"] if streamed else None,
+                             batch_cfg=plan["batch_cfg"], should_stop=should_stop,
+                             on_step=(lambda i, n, _latents: update(i, n)) if update else None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return latents, plan
@@ -302,6 +328,7 @@ class StepVideoPipeline:
     def unload(self) -> None:
         """Drop the DiT and the VAE (the next :meth:`generate` loads them again)."""
         self._transformer = self._vae = None
+        self._adapters = ()
         self._release_memory()
 
     def _release_memory(self) -> None:
