@@ -132,7 +132,7 @@ class StepVideoVAELoader:
 class StepVideoVAEDecode:
     """LATENT [B, C, F, h, w] -> IMAGE frames, 3 latent frames (17 video frames) at a time."""
 
-    CATEGORY = "StepVideo"
+    CATEGORY = "StepVideo/latent"
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -178,7 +178,7 @@ class StepVideoVAEDecode:
 class StepVideoVAEEncode:
     """IMAGE frames -> LATENT, 17 frames at a time (frame count a multiple of 17, sizes of 16)."""
 
-    CATEGORY = "StepVideo"
+    CATEGORY = "StepVideo/latent"
     FUNCTION = "encode"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("samples",)
