@@ -36,12 +36,12 @@ import torch
 
 from ..stepvideo_core.checkpoint import CheckpointError
 from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, infer_config, read_config
+from ..stepvideo_core.pipeline import DTYPE_NAMES
 from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, CLIP_TOKENS, DEFAULT_CONFIG, GiB, LLM_TOKENS,
                                               auto_plan, latent_tokens, weight_bytes)
 from ..stepvideo_core.sampling import DEFAULT_PRESET, PRESETS, SizeError, check_video_size, resolve_settings
 from . import comfy_bridge as bridge
 from .model import BLOCK_CHOICES, DIT_FOLDER, WEIGHT_CHOICES, checkpoint_files, resolve_weight_choice
-from .sampler import DTYPE_NAMES
 
 log = logging.getLogger("StepVideo")
 

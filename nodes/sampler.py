@@ -13,8 +13,6 @@ import weakref
 from contextlib import nullcontext
 from typing import Mapping, Optional
 
-import torch
-
 from ..stepvideo_core.offload import SamplingInterrupted
 from ..stepvideo_core.pipeline import plan_blocks as core_plan_blocks
 from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
@@ -26,7 +24,6 @@ from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_MODEL
 log = logging.getLogger("StepVideo")
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def conditioning_dict(cond, name: str) -> dict:

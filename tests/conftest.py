@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE = "stepvideo_pack_under_test"
@@ -83,3 +84,13 @@ def models_dir(tmp_path, monkeypatch, bridge):
         (root / kind).mkdir(parents=True)
     monkeypatch.setenv(bridge.ENV_MODELS_DIR, str(root))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module's tiny matmuls: as fast alone, and far faster when
+    other runs share the two cores.  Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

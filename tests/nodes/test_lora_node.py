@@ -14,14 +14,7 @@ from stepvideo_core.tiny import write_tiny_lora
 from tests.core.lora.conftest import same, snapshot
 from tests.core.sampling.conftest import conditioning, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is as fast, and far faster when other test runs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -51,14 +51,11 @@ def same(model, snap) -> bool:
         for k in snap)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is as fast, and far faster when other test runs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(one_thread):
+    """Every LoRA test module runs with one intra-op thread (see tests/conftest.py)."""
+    yield
 
 @pytest.fixture(scope="module")
 def model(one_thread):
