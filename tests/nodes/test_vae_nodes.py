@@ -115,3 +115,28 @@ def test_interrupt_between_chunks(vae_mod, handle, bridge, monkeypatch):
     with pytest.raises(bridge.StepVideoInterrupted):
         vae_mod.StepVideoVAEDecode().decode(vae=handle, samples={"samples": torch.zeros(1, 8, 9, 1, 1)})
     assert calls == [1] and not bridge.interrupt_requested()  # stopped after one chunk; flag consumed
+
+
+def test_interrupt_inside_a_chunk(vae_mod, handle, bridge, monkeypatch):
+    """Cancel pressed while the first chunk decodes: the node stops inside it (before its next stage)."""
+    calls = []
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls.append(value)
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    stages_after = []
+    mid = handle.vae.decoder.mid
+    press = mid.block_1.register_forward_hook(lambda *_: bridge.request_interrupt())
+    later = handle.vae.decoder.conv_out.register_forward_hook(lambda *_: stages_after.append(1))
+    try:
+        with pytest.raises(bridge.StepVideoInterrupted):
+            vae_mod.StepVideoVAEDecode().decode(vae=handle, samples={"samples": torch.zeros(1, 8, 9, 1, 1)})
+    finally:
+        press.remove()
+        later.remove()
+    assert calls == [] and stages_after == [] and not bridge.interrupt_requested()

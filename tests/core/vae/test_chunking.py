@@ -89,7 +89,35 @@ def test_should_stop_interrupts_between_chunks(tiny_vae, latents, video, directi
     with pytest.raises(VAEInterrupted, match=f"{direction} stopped on request after 2 of") as err:
         run(on_chunk=lambda i, n: done.append(i), should_stop=should_stop)
     assert isinstance(err.value, InterruptedError)
-    assert done == [1, 2] and asked == [0, 1, 2]
+    # polled before each chunk and before every stage inside it; the first poll after chunk 2 stopped it
+    assert done == [1, 2] and asked[0] == 0 and asked.count(2) == 1 and asked[-1] == 2
+    assert asked.count(0) > 1 and asked.count(1) > 1
+
+
+@pytest.mark.parametrize("direction", ["encode", "decode"])
+def test_should_stop_interrupts_inside_a_chunk(tiny_vae, latents, video, direction):
+    """A stop asked while a chunk runs lands before the next stage, not after the chunk (seconds on a GPU)."""
+    coder = tiny_vae.encoder if direction == "encode" else tiny_vae.decoder
+    reference = tiny_vae.encode(video, sample=False) if direction == "encode" else tiny_vae.decode(latents)
+    polls, last_stage_runs = [], []
+    hook = coder.conv_out.register_forward_hook(lambda *_: last_stage_runs.append(1))
+
+    def stop_on_third_poll():  # poll 1 = before chunk 1, polls 2.. = before its stages
+        polls.append(1)
+        return len(polls) >= 3
+
+    run = (lambda **kw: tiny_vae.encode(video, sample=False, **kw)) if direction == "encode" else \
+        (lambda **kw: tiny_vae.decode(latents, **kw))
+    try:
+        with pytest.raises(VAEInterrupted, match=f"{direction} stopped on request inside chunk 1 of"):
+            run(on_chunk=lambda i, n: pytest.fail("no chunk may finish"), should_stop=stop_on_third_poll)
+    finally:
+        hook.remove()
+    assert len(polls) == 3 and last_stage_runs == []
+    # nothing is left attached, and the model gives the same result as before
+    assert not any(m._forward_pre_hooks for m in tiny_vae.modules())
+    again = tiny_vae.encode(video, sample=False) if direction == "encode" else tiny_vae.decode(latents)
+    assert torch.equal(again, reference)
 
 
 def test_output_device_and_dtype(tiny_vae, latents):
