@@ -38,7 +38,7 @@ from ..stepvideo_core.checkpoint import CheckpointError
 from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, infer_config, read_config
 from ..stepvideo_core.pipeline import DTYPE_NAMES
 from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, CLIP_TOKENS, DEFAULT_CONFIG, GiB, LLM_TOKENS,
-                                              auto_plan, latent_tokens, weight_bytes)
+                                              auto_plan, human_bytes, latent_tokens, weight_bytes)
 from ..stepvideo_core.sampling import DEFAULT_PRESET, PRESETS, SizeError, check_video_size, resolve_settings
 from . import comfy_bridge as bridge
 from .model import BLOCK_CHOICES, DIT_FOLDER, WEIGHT_CHOICES, checkpoint_files, resolve_weight_choice
@@ -206,11 +206,6 @@ def time_estimate(flops: int, steps: int, plan: dict, block_bytes: int, device_n
 # --------------------------------------------------------------------------- plan
 
 
-def _size(nbytes: int) -> str:
-    """Bytes as "21.6 GiB" or, below a GiB, "14.7 MiB"."""
-    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / (1 << 20):.1f} MiB"
-
-
 def build_plan(req: dict, device: dict, model: dict) -> dict:
     """The route's answer for a parsed request, a device (:func:`comfy_bridge.device_memory`)
     and a model (:func:`model_info`). Pure: all inputs are plain data."""
@@ -252,7 +247,7 @@ def build_plan(req: dict, device: dict, model: dict) -> dict:
                          blocks_on_device=layers, **common)
         plan["free_bytes"], plan["fits"] = None, None
         plan["message"] = (f"{device['type']}: all {layers} blocks in place, "
-                           f"peak {_size(plan['peak_bytes'])} (no VRAM to plan)")
+                           f"peak {human_bytes(plan['peak_bytes'])} (no VRAM to plan)")
         fits = None
     sizes = weight_bytes(weight_format, compute_dtype, config)
     flops = step_flops(req["width"], req["height"], req["frames"], req["guided"], config)

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from typing import Mapping, Optional
 
 from ..stepvideo_core.offload import SamplingInterrupted
+from ..stepvideo_core.pipeline import check_plan
 from ..stepvideo_core.pipeline import plan_blocks as core_plan_blocks
 from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
 from ..stepvideo_core.sampling.preview import default_factors, fit_from_vae, preview_frame
@@ -46,7 +47,8 @@ def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> d
 
     The rule is the headless pipeline's (:func:`stepvideo_core.pipeline.plan_blocks`); on a
     GPU ComfyUI is first asked to free what the fully resident run would need, and the
-    plan is then fitted into the free memory ComfyUI reports.
+    plan is then fitted into the free memory ComfyUI reports; on the CPU the plan checks
+    the run's activations against the available RAM.
     """
     common = dict(device=handle.device, compute_dtype=handle.dtype, weight_format=handle.weight_format,
                   attention=handle.attention, width=width, height=height, frames=frames, guided=guided)
@@ -54,6 +56,9 @@ def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> d
         wanted = core_plan_blocks(handle.config, blocks_on_device=handle.config.num_layers, free_bytes=1 << 62,
                                   **common)
         bridge.free_memory(wanted["peak_bytes"] + wanted["reserve_bytes"], handle.device)
+    if handle.device.type == "cpu":  # the core plans the host RAM (what the system has available)
+        return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device, free_bytes=None,
+                                **common)
     free = bridge.free_vram(handle.device)
     return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device,
                             free_bytes=1 << 62 if free is None else free, **common)
@@ -128,9 +133,7 @@ class StepVideoSampler:
         pos = conditioning_dict(positive, "positive")
         neg = conditioning_dict(negative, "negative") if guided else None
         plan = plan_blocks(model, width, height, frames, guided)
-        if not plan["fits"]:
-            log.warning("StepVideo: the memory plan says this run may not fit (%s); trying anyway. "
-                        "fp8_scaled weights, fewer frames or a smaller size need less memory.", plan["message"])
+        check_plan(plan)
         transformer = model.transformer
         transformer.attention_backend = model.attention
         streamed = plan["blocks_on_device"] < model.config.num_layers

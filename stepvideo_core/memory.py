@@ -1,4 +1,4 @@
-"""Host-memory housekeeping between chunks of long work.
+"""Host memory: housekeeping between chunks of long work, and how much RAM is available.
 
 glibc's allocator raises its mmap threshold after large frees, so the big
 activation buffers of one VAE chunk end up in the heap, and fragments of it
@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+from typing import Optional
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,3 +32,33 @@ def trim_host_heap() -> bool:
     """Return freed heap memory to the OS (glibc); True when something was released."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def available_host_bytes() -> Optional[int]:
+    """RAM a new allocation can take now, in bytes (None when unknown).
+
+    psutil's ``available`` (what the kernel can hand out without swapping), lowered to the
+    room left under a cgroup v2 memory limit when the process runs in a container that
+    has one (a container's own limit is what the out-of-memory killer enforces).
+    """
+    try:
+        import psutil
+    except ImportError:  # psutil is a requirement of the pack and of ComfyUI; be lenient anyway
+        return None
+    available = int(psutil.virtual_memory().available)
+    limit = _cgroup_room()
+    return available if limit is None else min(available, limit)
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes left under this cgroup's ``memory.max`` (cgroup v2), or None without a limit."""
+    try:
+        with open(f"{root}/memory.max") as f:
+            limit = f.read().strip()
+        with open(f"{root}/memory.current") as f:
+            current = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if limit == "max":
+        return None
+    return max(0, int(limit) - current)

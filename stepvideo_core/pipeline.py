@@ -27,8 +27,8 @@ import torch
 from .attention import check_backend
 from .checkpoint import CheckpointError
 from .dit.loader import find_transformer_files, load_transformer
-from .memory import trim_host_heap
-from .offload.planner import auto_plan
+from .memory import available_host_bytes, trim_host_heap
+from .offload.planner import auto_plan, host_plan
 from .sampling import DEFAULT_PRESET, PRESETS, check_video_size, resolve_settings, sample
 from .text.encoder import NEGATIVE_PROMPT, load_text_encoder, resolve_text_encoder_dirs, with_magic
 from .text.llm_loader import find_step_llm_files
@@ -118,24 +118,50 @@ def plan_blocks(config, *, device: torch.device, compute_dtype: torch.dtype, wei
                 free_bytes: Optional[int] = None) -> dict:
     """How this run places the DiT's blocks: the planner's dict (``blocks_on_device``, ``batch_cfg``, ``message``...).
 
-    Same rule as the sampler node: on the CPU, or with "all", every block stays where
-    the weights are; on a GPU the planner fits ``blocks_on_device`` ("auto" or a number)
-    into ``free_bytes`` (default: the device's free memory).
+    Same rule as the sampler node: on the CPU every block stays in RAM and the plan says whether
+    the activations fit the available RAM (``free_bytes``, default: what the system has free;
+    :func:`~stepvideo_core.offload.planner.host_plan`); on a GPU "all" keeps every block there,
+    else the planner fits ``blocks_on_device`` ("auto" or a number) into ``free_bytes``
+    (default: the device's free memory).  Pass the plan to :func:`check_plan` before allocating.
     """
     layers = config.num_layers
     choice = str(blocks_on_device)
-    if device.type == "cpu" or choice == "all":
+    fmt = "fp8_scaled" if weight_format == "fp8_scaled" else DTYPE_NAMES[compute_dtype]
+    if device.type == "cpu":
+        return host_plan(width, height, frames, available_bytes=available_host_bytes() if free_bytes is None
+                         else free_bytes, guided=guided, weight_format=fmt, attention=attention,
+                         compute_dtype=DTYPE_NAMES[compute_dtype], config=config.to_dict())
+    if choice == "all":
         return {"blocks_on_device": layers, "batch_cfg": True, "fits": True, "streamed_blocks": 0,
                 "message": f"all {layers} blocks on {device}"}
     if choice != "auto" and not choice.isdigit():
         raise ValueError(f"blocks_on_device must be {BLOCK_CHOICES_HELP}, got {blocks_on_device!r}")
     if free_bytes is None:
         free_bytes = cuda_free_vram(device)
-    fmt = "fp8_scaled" if weight_format == "fp8_scaled" else DTYPE_NAMES[compute_dtype]
     return auto_plan(width, height, frames, free_bytes=1 << 62 if free_bytes is None else free_bytes,
                      guided=guided, weight_format=fmt, attention=attention,
                      compute_dtype=DTYPE_NAMES[compute_dtype], config=config.to_dict(),
                      blocks_on_device="auto" if choice == "auto" else int(choice))
+
+
+class MemoryPlanError(ValueError):
+    """The memory plan says a run cannot fit (host RAM on a CPU); raised before anything is allocated."""
+
+
+def check_plan(plan: dict) -> None:
+    """Refuse a run the plan marks impossible (``refuse``), warn about one that may not fit; else nothing.
+
+    One rule for the sampler node and the headless pipeline: a CPU run far beyond the available
+    RAM would bring in the out-of-memory killer (in ComfyUI: the whole server), so it is refused
+    with the plan's numbers and what would fit; a GPU run that may not fit is tried (CUDA reports
+    an out-of-memory error the caller can survive).
+    """
+    if plan.get("refuse"):
+        raise MemoryPlanError(f"refused before allocating: {plan['message']}. Lower the frames or the size, "
+                              f"compute in bf16 (half the activations), or use a GPU.")
+    if not plan["fits"]:
+        log.warning("the memory plan says this run may not fit (%s); trying anyway. fp8_scaled weights, "
+                    "fewer frames or a smaller size need less memory.", plan["message"])
 
 
 @dataclasses.dataclass
@@ -262,9 +288,7 @@ class StepVideoPipeline:
         plan = plan_blocks(model.config, device=self.device, compute_dtype=self.dtype,
                            weight_format=model.weight_format, attention=self.attention, width=width,
                            height=height, frames=frames, guided=guided, blocks_on_device=self.blocks_on_device)
-        if not plan["fits"]:
-            log.warning("the memory plan says this run may not fit (%s); trying anyway. fp8_scaled weights, "
-                        "fewer frames or a smaller size need less memory.", plan["message"])
+        check_plan(plan)
         log.info("block plan: %s", plan["message"])
         streamed = plan["blocks_on_device"] < model.config.num_layers
         update = progress("sampling", steps) if progress else None

@@ -205,3 +205,83 @@ def auto_plan(width: int, height: int, frames: int, *, free_bytes: int, guided: 
     one_by_one = plan(width, height, frames, cfg_batch=1, **common)
     one_by_one["message"] += " (CFG branches one after the other)"
     return dict(one_by_one, batch_cfg=False)
+
+
+# --------------------------------------------------------------------------- host RAM (computing on the CPU)
+
+# Refuse a CPU run whose estimate exceeds the available RAM by more than this factor: past it the run
+# cannot finish and would bring in the out-of-memory killer (on a ComfyUI server: the whole server).
+# Between 1 and this factor the estimate's own error decides, so the run is tried with a warning.
+HOST_REFUSE_FACTOR = 1.2
+
+
+def human_bytes(nbytes: int) -> str:
+    """Bytes as "21.6 GiB" or, below a GiB, "14.7 MiB" (the unit every plan message uses)."""
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def host_activation_bytes(width: int, height: int, frames: int, *, cfg_batch: int, weight_format: str,
+                          attention: str, compute_dtype: str, config: Optional[dict] = None) -> int:
+    """Host RAM a CPU sampling step needs beyond the weights (already loaded): activations + workspace."""
+    est = estimate_peak(width, height, frames, blocks_on_device=0, cfg_batch=cfg_batch,
+                        weight_format=weight_format, attention=attention, compute_dtype=compute_dtype,
+                        config=config)
+    return est["items"]["activations"] + est["items"]["workspace"]
+
+
+def host_plan(width: int, height: int, frames: int, *, available_bytes: Optional[int], guided: bool = True,
+              weight_format: str = "fp32", attention: str = "sdpa", compute_dtype: str = "fp32",
+              config: Optional[dict] = None) -> dict:
+    """The plan for sampling on the CPU, where every block is in RAM: a JSON-friendly dict.
+
+    Keys as :func:`auto_plan` (``blocks_on_device`` = all, ``fits``, ``peak_bytes`` = RAM needed beyond
+    the loaded weights, ``batch_cfg``, ``message``...) plus ``available_bytes`` and ``refuse`` (True when
+    the estimate exceeds ``available_bytes`` by more than :data:`HOST_REFUSE_FACTOR`) and, when it does
+    not fit, ``would_fit``: the most frames at this size and the largest size at these frames (same
+    aspect ratio) that do.  ``available_bytes`` None (unknown) never refuses.
+    """
+    layers = weight_bytes(weight_format, compute_dtype, config)["layers"]
+    common = dict(weight_format=weight_format, attention=attention, compute_dtype=compute_dtype, config=config)
+
+    def need(w: int, h: int, f: int, batch: int) -> int:
+        return host_activation_bytes(w, h, f, cfg_batch=batch, **common)
+
+    batched = 2 if guided else 1
+    peak, batch_cfg = need(width, height, frames, batched), guided
+    if guided and available_bytes is not None and peak > available_bytes:  # as auto_plan: one branch at a time
+        peak, batch_cfg = need(width, height, frames, 1), False
+    limit = available_bytes if available_bytes is not None else 1 << 62
+    fits = peak <= limit
+    refuse = available_bytes is not None and peak > HOST_REFUSE_FACTOR * available_bytes
+    gb = human_bytes
+    cfg_note = "" if not guided else (" (CFG branches one after the other)" if not batch_cfg else "")
+    plan_dict = {"blocks_on_device": layers, "num_blocks": layers, "streamed_blocks": 0, "copies_per_step": 0,
+                 "fits": fits, "refuse": refuse, "peak_bytes": peak, "reserve_bytes": 0,
+                 "free_bytes": available_bytes, "available_bytes": available_bytes, "batch_cfg": batch_cfg,
+                 "tokens": latent_tokens(width, height, frames), "weight_format": weight_format,
+                 "attention": attention}
+    if available_bytes is None:
+        plan_dict["message"] = f"all {layers} blocks in RAM; the run needs about {gb(peak)} beyond the weights"
+        return plan_dict
+    if fits:
+        plan_dict["message"] = (f"all {layers} blocks in RAM; the run needs about {gb(peak)} beyond the weights, "
+                                f"{gb(available_bytes)} available{cfg_note}")
+        return plan_dict
+    most_frames = next((f for f in range(frames - 17, 16, -17) if need(width, height, f, 1) <= limit), None)
+    largest = None
+    for step in range(max(width, height) // 16 - 1, 0, -1):  # the longer side in 16 px steps, same aspect ratio
+        scale = step * 16 / max(width, height)
+        w, h = max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
+        if need(w, h, frames, 1) <= limit:
+            largest = (w, h)
+            break
+    options = []
+    if most_frames:
+        options.append(f"{width}x{height} with at most {most_frames} frames")
+    if largest:
+        options.append(f"{largest[0]}x{largest[1]} with {frames} frames")
+    plan_dict["would_fit"] = {"frames": most_frames, "size": list(largest) if largest else None}
+    plan_dict["message"] = (f"does not fit in RAM: the run needs about {gb(peak)} beyond the weights"
+                            f"{cfg_note}, {gb(available_bytes)} available; "
+                            + ("what fits: " + " or ".join(options) if options else "not even 16x16x17 fits"))
+    return plan_dict

@@ -44,7 +44,7 @@ def test_progress_and_phases_go_to_stderr(first_run):
     for phase in ("text encoders", "sampling", "VAE decode"):
         assert phase in stderr
     assert "sampling       [########################] 3/3" in stderr
-    assert "DiT loaded" in stderr and "block plan: all 2 blocks on cpu" in stderr
+    assert "DiT loaded" in stderr and "block plan: all 2 blocks in RAM" in stderr
 
 
 def test_second_run_reuses_the_cache_and_takes_options(first_run, tmp_path, capsys):

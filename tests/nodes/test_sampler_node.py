@@ -58,7 +58,7 @@ def test_latent_is_comfy_shaped_and_equals_the_core_sampler(node_mod, types_mod,
     core = sample(dit, pos, neg, **SIZE, steps=2, cfg=5.0, shift=17.0, seed=3)  # Turbo preset, steps overridden
     assert set(latent) == {"samples"} and latent["samples"].shape == (1, 64, 3, 3, 2)  # [B, C, F, h, w]
     assert torch.equal(latent["samples"], core.transpose(1, 2))
-    assert "2 steps, cfg 5, shift 17, seed 3" in text and "all 2 blocks on cpu" in text
+    assert "2 steps, cfg 5, shift 17, seed 3" in text and "all 2 blocks in RAM" in text
 
 
 def test_text_family_dataclass_is_accepted(node_mod, types_mod, dit):
