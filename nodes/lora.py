@@ -14,6 +14,7 @@ import logging
 import weakref
 from pathlib import Path
 
+from ..stepvideo_core.checks import finite_float
 from ..stepvideo_core.lora import MODES, LoraEntry, format_blocks, load_lora, parse_blocks
 from ..stepvideo_core.lora.formats import CONFIG_NAME
 from . import comfy_bridge as bridge
@@ -105,14 +106,19 @@ class StepVideoLoraLoader:
             return float("nan")
 
     def load(self, model, lora_name, strength, mode, blocks=""):
-        """Return the UI report and a new handle with this adapter appended to ``model.adapters``."""
+        """Return the UI report and a new handle with this adapter appended to ``model.adapters``.
+
+        Raises ValueError for a NaN/Inf strength (a JSON NaN passes ComfyUI's min/max check) and
+        LoraError for an adapter that does not fit the model or holds NaN/Inf values.
+        """
         if mode not in MODES:
             raise ValueError(f"StepVideo: unknown LoRA mode {mode!r}; expected one of {list(MODES)}")
+        strength = finite_float(strength, "strength")
         path = bridge.resolve_model_path(LORA_FOLDER, lora_name)
         transformer = model.transformer
         selected = parse_blocks(blocks, transformer.config.num_layers)
         adapter = read_validated(path, transformer, lora_name)
-        entry = LoraEntry(adapter, float(strength), mode, selected)
+        entry = LoraEntry(adapter, strength, mode, selected)
         if selected is not None and not entry.selected() and strength != 0:
             raise ValueError(f"StepVideo: the block filter {blocks!r} leaves nothing of LoRA {lora_name}: it changes "
                              f"blocks {format_blocks(adapter.blocks()) or 'none'} only")

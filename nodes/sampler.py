@@ -127,7 +127,12 @@ class StepVideoSampler:
 
     def sample(self, model, positive, negative, preset, width, height, frames, steps, cfg, shift, seed,
                preview_vae=None):
-        """Return the UI summary and ``({"samples": [B, C, F, h, w]},)``."""
+        """Return the UI summary and ``({"samples": [B, C, F, h, w]},)``.
+
+        A NaN/Inf cfg or shift raises ValueError (a JSON NaN passes ComfyUI's min/max check);
+        latents that turn NaN/Inf raise NonFiniteError naming the step: a failed execution,
+        never a black video.
+        """
         run = settings(preset, steps, cfg, shift)
         guided = run["cfg"] > 1.0
         pos = conditioning_dict(positive, "positive")

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .checkpoint import CheckpointError
+from .checks import count_non_finite
 
 log = logging.getLogger("StepVideo")
 
@@ -256,15 +258,41 @@ def prepare_for_scaled_file(model: torch.nn.Module, shapes: dict) -> list[str]:
     return skip
 
 
-def make_take_hook(model: torch.nn.Module, device) -> Callable[[str, torch.Tensor], bool]:
+def check_scales(scale: torch.Tensor, name: str) -> None:
+    """Raise CheckpointError unless every value of the file's fp8 scale tensor ``name`` is finite and positive.
+
+    Exists because a NaN, zero or negative scale silently multiplies a whole layer into
+    NaN or zeros: the run would "succeed" with a black video.  Scales are one value per
+    output channel (or per tensor), so checking them at load costs nothing.
+    """
+    values = scale.detach().float()
+    non_finite = count_non_finite(values)
+    not_positive = int((values[torch.isfinite(values)] <= 0).sum())  # -inf counts as non-finite only
+    if not (non_finite or not_positive):
+        return
+    found = [f"{n} of {values.numel()} values are {what}" for n, what in
+             ((non_finite, "NaN/Inf"), (not_positive, "zero or negative")) if n]
+    raise CheckpointError(f"{name}: fp8 scales must be finite and positive, but {' and '.join(found)}. The file is "
+                          f"damaged or was written by a broken fp8 converter: download it again, or convert the "
+                          f"full-precision weights again (python -m stepvideo_core.convert).")
+
+
+def make_take_hook(model: torch.nn.Module, device, source: str = "") -> Callable[[str, torch.Tensor], bool]:
     """The ``take`` hook for :func:`stepvideo_core.checkpoint.load_weights`: fp8-capable layers take
-    their weights and scales themselves (quantising when marked), everything else loads normally."""
+    their weights and scales themselves (quantising when marked), everything else loads normally.
+
+    Every ``scale_weight`` read from the file is checked first (:func:`check_scales`); its
+    error names ``source`` (the checkpoint, for messages) and the key.
+    """
     device = torch.device(device)
+    where = f"{source}: " if source else ""
 
     def take(name: str, tensor: torch.Tensor) -> bool:
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         if isinstance(owner, ScaledFp8Linear):
+            if leaf == "scale_weight":
+                check_scales(tensor, where + name)
             return owner.take_tensor(leaf, tensor, device, None)
         return False
     return take

@@ -18,16 +18,6 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _meta_model(path: str):
-    """The DiT architecture of the checkpoint at ``path`` on the meta device (headers only, no weights)."""
-    from ..dit import build_transformer
-    from ..dit.loader import find_transformer_files, infer_config, read_config
-
-    index, config_path = find_transformer_files(path)
-    config = read_config(config_path, index) if config_path else infer_config(index)
-    return build_transformer(config, device="meta")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepvideo_core.lora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from ..checkpoint import CheckpointError
+    from ..dit.loader import meta_transformer
     from .adapter import bind_adapter
     from .extract import extract_lora
     from .formats import LoraError, read_adapter
@@ -65,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         adapter = read_adapter(args.adapter)
         print(f"{adapter.source}: {len(adapter.tensors)} tensors, {adapter.format_name()}")
         if args.model:
-            print(bind_adapter(adapter, _meta_model(args.model)).report())
+            print(bind_adapter(adapter, meta_transformer(args.model)).report())
         else:
             for group in list(adapter.groups.values())[:10]:
                 print(f"  {group.name}: {', '.join(sorted(group.keys))}")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .. import fp8
+from ..checks import finite_float
 from .adapter import LoraAdapter, Patch, format_blocks
 from .formats import LoraError
 from .fuse import resolve_module
@@ -84,6 +85,8 @@ class LoraEntry:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown LoRA mode {self.mode!r}; expected one of {MODES}")
+        # a NaN strength passes every comparison and would turn the whole video black
+        object.__setattr__(self, "strength", finite_float(self.strength, "LoRA strength"))
 
     def selected(self) -> list[Patch]:
         """The adapter's patches that this entry applies (after the block filter; none at strength 0)."""
@@ -247,7 +250,7 @@ class Attachment:
         """Merge and hook every patch; on any failure everything done so far is undone."""
         if self._active:
             return
-        if getattr(self.model, _ACTIVE, None) is not None:
+        if attachment_of(self.model) is not None:
             raise RuntimeError("LoRA adapters are already attached to this model; detach them first "
                                "(two runs cannot share one model with different adapters at the same time)")
         merges, hooks = self.plan()
@@ -310,7 +313,7 @@ class Attachment:
                 hook.cache.clear()
             self._hooks, self._hook_objects, self._saved = [], [], []
             self.merged, self.hooked = [], []
-            if getattr(self.model, _ACTIVE, None) is self:
+            if attachment_of(self.model) is self:
                 delattr(self.model, _ACTIVE)
             self._active = False
 
@@ -320,6 +323,11 @@ class Attachment:
             return "no LoRA"
         names = ", ".join(e.describe() for e in self.entries)
         return f"{names}: {len(self.merged)} tensors merged, {len(self.hooked)} layers on the fly"
+
+
+def attachment_of(model: nn.Module) -> Optional[Attachment]:
+    """The :class:`Attachment` active on ``model`` right now, or None (lets error messages say a LoRA is on)."""
+    return getattr(model, _ACTIVE, None)
 
 
 def attached(model: nn.Module, adapters: Sequence, mode: Optional[str] = None,

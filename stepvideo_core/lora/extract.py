@@ -73,6 +73,7 @@ class _Reader:
             scale_name = name[:-len(".weight")] + fp8.SCALE_SUFFIX
             if scale_name in self.index:
                 scale = self.get(scale_name)
+                fp8.check_scales(scale, f"{entry.file}: {scale_name}")
                 tensor = fp8.dequantize_weight(tensor, fp8.normalize_scale(scale, tensor.shape[0]), torch.float32)
         return tensor.to(torch.float32)
 

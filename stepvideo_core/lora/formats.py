@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint import SAFETENSORS_SUFFIXES, CheckpointError, read_header
+from ..checks import count_non_finite, finite_float
 
 DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.",
                    "pipe.dit.", "dit.")
@@ -154,8 +155,9 @@ def resolve_adapter_path(path) -> tuple[Path, Optional[Path]]:
 def read_adapter(path) -> AdapterFile:
     """Read an adapter file (or PEFT folder) and group its keys by trainer module.
 
-    Returns an :class:`AdapterFile`; raises :class:`LoraError` for pickles, unreadable files
-    and DoRA adapters (applying only their low-rank part would be silently wrong).
+    Returns an :class:`AdapterFile`; raises :class:`LoraError` for pickles, unreadable files,
+    NaN/Inf values (in a tensor or a PEFT alpha: they would turn every video black) and DoRA
+    adapters (applying only their low-rank part would be silently wrong).
     """
     file, config_path = resolve_adapter_path(path)
     try:
@@ -165,17 +167,20 @@ def read_adapter(path) -> AdapterFile:
     with safe_open(str(file), framework="pt", device="cpu") as handle:
         metadata = dict(handle.metadata() or {})
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    _check_finite_tensors(file, tensors)
     config = None
     if config_path is not None:
         try:
             config = json.loads(config_path.read_text())
         except ValueError as exc:
             raise LoraError(f"{config_path} is not valid JSON: {exc}") from exc
+        _check_finite_alphas(config, str(config_path))
     elif "lora_adapter_metadata" in metadata:  # diffusers keeps the PEFT config in the file's metadata
         try:
             config = json.loads(metadata["lora_adapter_metadata"])
         except ValueError:
             config = None
+        _check_finite_alphas(config, f"{file.name} (lora_adapter_metadata)")
     adapter = AdapterFile(file, tensors, metadata, config)
     _group_keys(adapter)
     dora = [k for k, reason in adapter.unsupported if reason == "DoRA"]
@@ -184,6 +189,32 @@ def read_adapter(path) -> AdapterFile:
                         f"DoRA rescales whole weights and is not supported -- applying only its low-rank part "
                         f"would change the model in a way its author did not train.")
     return adapter
+
+
+def _check_finite_tensors(file: Path, tensors: dict) -> None:
+    """Raise LoraError naming the first tensor that holds NaN/Inf, how many values it has, and the file's total."""
+    bad = {key: count for key, value in tensors.items() if (count := count_non_finite(value))}
+    if not bad:
+        return
+    key, count = next(iter(bad.items()))
+    total = f"; {sum(bad.values())} in {len(bad)} tensors in all" if len(bad) > 1 else ""
+    raise LoraError(f"{file.name}: tensor {key!r} holds {count} NaN/Inf value{'s' if count > 1 else ''} "
+                    f"(of {tensors[key].numel()}){total}. Such an adapter turns every video black: the file is "
+                    f"damaged or was saved from a training run that diverged; download or export it again.")
+
+
+def _check_finite_alphas(config, source: str) -> None:
+    """Raise LoraError when a PEFT config's ``lora_alpha`` or an ``alpha_pattern`` value is not a finite number."""
+    if not isinstance(config, dict):
+        return
+    values = [("lora_alpha", config.get("lora_alpha"))]
+    values += [(f"alpha_pattern[{pattern!r}]", value) for pattern, value in (config.get("alpha_pattern") or {}).items()]
+    for name, value in values:
+        if value is not None:
+            try:
+                finite_float(value, name)
+            except ValueError as exc:
+                raise LoraError(f"{source}: {exc}") from None
 
 
 def _group_keys(adapter: AdapterFile) -> None:

@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
+from ..checks import NonFiniteError, count_non_finite, finite_float
+from ..lora.apply import attachment_of
 from ..offload.streamer import BlockStreamer, SamplingInterrupted
 from .noise import initial_noise, latent_shape
 from .schedule import euler_step, flow_match_sigmas, guidance
@@ -32,7 +34,11 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 def _check_conditioning(cond: Mapping, name: str) -> None:
-    """Raise ValueError unless ``cond`` has the tensors the DiT takes, with consistent batch sizes."""
+    """Raise unless ``cond`` has the tensors the DiT takes, with consistent batch sizes and finite values.
+
+    ValueError for a wrong structure; :class:`NonFiniteError` naming the tensor when one holds
+    NaN/Inf (checked once, before the first step: such conditioning can only give a black video).
+    """
     if not isinstance(cond, Mapping) or "encoder_hidden_states" not in cond:
         raise ValueError(f"{name} conditioning must be a dict with keys {list(CONDITIONING_KEYS)} "
                          f"(a STEPVIDEO_CONDITIONING from StepVideoTextEncode), got {type(cond).__name__}")
@@ -43,6 +49,26 @@ def _check_conditioning(cond: Mapping, name: str) -> None:
         value = cond.get(key)
         if value is not None and value.shape[0] != states.shape[0]:
             raise ValueError(f"{name} {key} has batch {value.shape[0]}, encoder_hidden_states has {states.shape[0]}")
+    for key in CONDITIONING_KEYS:
+        value = cond.get(key)
+        bad = 0 if value is None else count_non_finite(value)
+        if bad:
+            raise NonFiniteError(
+                f"{name} conditioning {key} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} (of {value.numel()}): "
+                f"the text encoder overflowed or the conditioning was damaged on its way here. Encode the prompt "
+                f"again with the text encoder in bf16 (the release's dtype), not fp16.")
+
+
+def _likely_causes(model: torch.nn.Module) -> str:
+    """What usually makes the latents non-finite, with what this run uses marked, for :class:`NonFiniteError`."""
+    fp16 = model.compute_dtype == torch.float16
+    fp8 = getattr(model, "weight_format", "full") == "fp8_scaled"
+    lora = attachment_of(model) is not None
+    mark = lambda applies: " [this run]" if applies else ""  # noqa: E731
+    return ("Likely causes: fp16 overflow" + mark(fp16) + " (compute in bf16 instead); a bad LoRA/adapter"
+            + mark(lora) + " (run without it, or lower its strength); an fp8 file with bad scales" + mark(fp8)
+            + " (use the bf16 weights, or convert them again); conditioning from a text encoder that overflowed "
+              "(encode the prompt again in bf16).")
 
 
 def _prepared(cond: Mapping, batch: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -101,7 +127,11 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
     * ``on_step(i, n, latents)`` after each step, i = completed steps (1..n), latents fp32
       [B, F, C, h, w]; ``should_stop()`` is polled before every step and every block, and
       a True answer raises :class:`SamplingInterrupted` after every weight is back home.
+
+    Raises ValueError for a NaN/Inf ``cfg`` or ``shift`` and :class:`NonFiniteError` when the
+    conditioning holds NaN/Inf or the latents turn non-finite after a step (naming the step).
     """
+    cfg, shift = finite_float(cfg, "cfg"), finite_float(shift, "shift")
     _check_conditioning(positive, "positive")
     guided = cfg > 1.0
     if guided:
@@ -141,6 +171,11 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
             else:
                 v = guidance(velocity(x, sigma, pos), velocity(x, sigma, neg), cfg)
             latents = euler_step(latents, v, sigmas, i)
+            if not bool(torch.isfinite(latents).all()):  # one reduction per step
+                bad = count_non_finite(latents)
+                raise NonFiniteError(f"the latents became non-finite (NaN/Inf) at step {i + 1}/{steps} "
+                                     f"({bad} of {latents.numel()} values); stopped instead of decoding a black "
+                                     f"video. {_likely_causes(model)}")
             if on_step is not None:
                 on_step(i + 1, steps, latents)
     return latents.float().cpu()

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from ..checks import finite_float
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -42,14 +44,15 @@ def resolve_settings(preset: str = DEFAULT_PRESET, steps: Optional[int] = None, 
     """Return ``{"steps", "cfg", "shift"}``: the preset's values, each replaced by the caller's when given.
 
     Exists so that the node, the CLI and scripts share one notion of "preset with overrides".
-    Raises ValueError for an unknown preset or out-of-range values.
+    Raises ValueError for an unknown preset, a NaN/Inf cfg or shift (which would pass every
+    range check and sample a black video) or out-of-range values.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
     base = PRESETS[preset]
     out = {"steps": base.steps if steps is None else int(steps),
-           "cfg": base.cfg if cfg is None else float(cfg),
-           "shift": base.shift if shift is None else float(shift)}
+           "cfg": base.cfg if cfg is None else finite_float(cfg, "cfg"),
+           "shift": base.shift if shift is None else finite_float(shift, "shift")}
     if out["steps"] < 1:
         raise ValueError(f"steps must be at least 1, got {out['steps']}")
     if out["shift"] <= 0:
