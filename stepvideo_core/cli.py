@@ -19,9 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TextIO
 
 import torch
+
+from .checks import finite_float
 
 if TYPE_CHECKING:
     from .pipeline import ModelFiles
@@ -31,6 +33,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY_DEFAULTS = dict(width=64, height=64, frames=17, steps=3)
 # The official size (544x992, 204 frames = 8 s at 25 fps).
 REAL_DEFAULTS = dict(width=992, height=544, frames=204, steps=None)
+LORA_SPEC = "FILE[:STRENGTH]"
 SMOKE_TEST_NOTE = ("SMOKE TEST: no --models given, so this used the embedded tiny model (random weights in the "
                    "official layout). The file shows that the install works; it is noise, not a real video.")
 
@@ -147,7 +150,7 @@ def generate(args) -> int:
     pipe = StepVideoPipeline(files, device=device, dtype=None if args.dtype == "default" else DTYPES[args.dtype],
                              weight_format=args.weights, attention=args.attention,
                              blocks_on_device=args.blocks_on_device, text_plan=args.text_plan,
-                             loras=[parse_lora(spec) for spec in args.lora])
+                             loras=args.lora)
     print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames on {pipe.device} "
           f"({str(pipe.dtype).replace('torch.', '')}) -> {args.out}")
     result = pipe.generate(args.prompt, NEGATIVE_PROMPT if args.negative is None else args.negative,
@@ -208,13 +211,13 @@ def add_generate_parser(sub) -> None:
     run.add_argument("--height", type=int, help="multiple of 16")
     run.add_argument("--frames", type=int, help="multiple of 17 (204 = 8 s at 25 fps)")
     run.add_argument("--steps", type=int)
-    run.add_argument("--cfg", type=float, help="guidance scale; 1 = no guidance (negative prompt unused)")
-    run.add_argument("--shift", type=float, help="time shift of the schedule")
+    run.add_argument("--cfg", type=FINITE_NUMBER, help="guidance scale; 1 = no guidance (negative prompt unused)")
+    run.add_argument("--shift", type=FINITE_NUMBER, help="time shift of the schedule")
     run.add_argument("--seed", type=int, default=1234, help="noise is drawn on the CPU: same video on every "
                                                              "machine (default 1234)")
     run.add_argument("--negative", help="negative prompt (default: the official one)")
     run.add_argument("--no-magic", action="store_true", help="do not append the official quality suffix")
-    run.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+    run.add_argument("--lora", action="append", default=[], metavar=LORA_SPEC, type=LORA_ARGUMENT,
                      help="a LoRA / .diff adapter (.safetensors) with an optional strength (default 1); repeat to "
                           "stack several")
     dev = p.add_argument_group("device and memory")
@@ -230,21 +233,50 @@ def add_generate_parser(sub) -> None:
     dev.add_argument("--text-plan", choices=PLANS, default="auto",
                      help="text encoder placement: auto, resident, stream (layer by layer) or cpu")
     vid = p.add_argument_group("video file")
-    vid.add_argument("--fps", type=float, help="frames per second (default 25, the official rate)")
+    vid.add_argument("--fps", type=FINITE_NUMBER, help="frames per second (default 25, the official rate)")
     vid.add_argument("--crf", type=int, help="H.264 quality, lower is better (default 23)")
     vid.add_argument("--crop-540p", action="store_true",
                      help="center-crop to 540x960 (960x540 portrait) like the official pipeline")
 
 
 def parse_lora(spec: str) -> tuple:
-    """(path, strength) of a ``--lora FILE[:STRENGTH]`` argument (a Windows drive colon is not a strength)."""
+    """(path, strength) of a ``--lora FILE[:STRENGTH]`` argument; raises ValueError saying what is wrong.
+
+    The text after the last ':' is the strength (default 1) and must be a finite number,
+    unless it begins with a path separator: then that colon belongs to the path (a Windows
+    drive, ``C:\\loras\\x.safetensors``).  A file name that contains ':' itself therefore needs
+    an explicit strength (``odd:name.safetensors:1``).
+    """
     path, sep, strength = spec.rpartition(":")
-    if sep and path and not strength.startswith(("\\", "/")):
+    if not sep or strength.startswith(("\\", "/")):
+        return spec, 1.0
+    hint = f" (expected {LORA_SPEC}, e.g. style.safetensors:0.8)"
+    if not path:
+        raise ValueError(f"{spec!r}: no file name before the ':'{hint}")
+    try:
+        return path, finite_float(strength, "the strength")
+    except ValueError as exc:
+        raise ValueError(f"{spec!r}: {exc}{hint}") from None
+
+
+def argument_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse`` as an argparse ``type=``: its ValueError becomes argparse's own error, which names the flag.
+
+    Exists so that a bad value (``--cfg nan``, ``--lora x.safetensors:abc``) is refused while the
+    command line is parsed -- ``argument --cfg: must be a finite number, got 'nan'`` -- before
+    anything is loaded.
+    """
+    def convert(text: str):
         try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return spec, 1.0
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+FINITE_NUMBER = argument_type(finite_float)
+LORA_ARGUMENT = argument_type(parse_lora)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -260,6 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
+    from .checks import NonFiniteError
 
     handler = _log_to(sys.stderr)
     try:
@@ -267,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return check(args.transformer, DTYPES[args.dtype], args.device, args.attention)
         if args.command == "generate":
             return generate(args)
-    except (CheckpointError, AttentionBackendError, ValueError) as exc:
+    except (CheckpointError, AttentionBackendError, NonFiniteError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

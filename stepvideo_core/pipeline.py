@@ -26,12 +26,15 @@ import torch
 
 from .attention import check_backend
 from .checkpoint import CheckpointError
-from .dit.loader import find_transformer_files, load_transformer
+from .checks import finite_float
+from .dit.loader import find_transformer_files, load_transformer, meta_transformer
 from .memory import available_host_bytes, trim_host_heap
 from .offload.planner import auto_plan, host_plan
 from .sampling import DEFAULT_PRESET, PRESETS, check_video_size, resolve_settings, sample
-from .text.encoder import NEGATIVE_PROMPT, load_text_encoder, resolve_text_encoder_dirs, with_magic
-from .text.llm_loader import find_step_llm_files
+from .text.clip import CLIP_DIR
+from .text.encoder import (NEGATIVE_PROMPT, ClipFolderNotFound, load_text_encoder, resolve_text_encoder_dirs,
+                           with_magic)
+from .text.llm_loader import STEP_LLM_DIR, find_step_llm_files
 from .text.streaming import PLANS, cuda_free_vram, default_device
 from .text.tokenizer import find_tokenizer_file
 from .vae.loader import default_dtype, find_vae_file, load_vae
@@ -102,7 +105,7 @@ class ModelFiles:
                 elif name == "vae":
                     found[name] = find_vae_file(where)
                 else:
-                    found["step_llm"], found["hunyuan_clip"] = resolve_text_encoder_dirs(where)
+                    found["step_llm"], found["hunyuan_clip"] = _text_encoder_dirs(where, override is not None)
                     find_step_llm_files(found["step_llm"])
                     find_tokenizer_file(found["step_llm"])
             except CheckpointError as exc:
@@ -111,6 +114,17 @@ class ModelFiles:
             raise CheckpointError("model files not usable:\n  " + "\n  ".join(problems))
         return cls(transformer=found["transformer"], vae=found["vae"], step_llm=found["step_llm"],
                    hunyuan_clip=found["hunyuan_clip"], tiny=tiny)
+
+
+def _text_encoder_dirs(where: Path, overridden: bool) -> tuple[Path, Path]:
+    """(step_llm, hunyuan_clip) folders under ``where``; a missing hunyuan_clip/ is reported in terms of
+    :meth:`ModelFiles.from_release`'s inputs (the CLI flags), not of resolve_text_encoder_dirs' ``clip_dir``."""
+    try:
+        return resolve_text_encoder_dirs(where)
+    except ClipFolderNotFound as exc:
+        flag = "--text-encoders" if overridden else "--models (or --text-encoders)"
+        raise CheckpointError(f"no {CLIP_DIR}/ folder next to {exc.llm_dir}: {flag} must be the folder that holds "
+                              f"both {STEP_LLM_DIR}/ and {CLIP_DIR}/ (the stepvideo-t2v release root)") from exc
 
 
 def plan_blocks(config, *, device: torch.device, compute_dtype: torch.dtype, weight_format: str, attention: str,
@@ -188,7 +202,8 @@ class StepVideoPipeline:
     are dropped at the end of :meth:`generate` unless ``keep_models`` (then later calls
     skip loading them, but the text encoder and the DiT share RAM while encoding).
     ``loras``: (path, strength) pairs, applied for each sampling run exactly as the
-    StepVideoLoraLoader nodes chain them (validated against the DiT when it loads).
+    StepVideoLoraLoader nodes chain them.  They are read and validated here, before any
+    weight is read (see :meth:`_load_adapters`); :attr:`adapters` holds the result.
     """
 
     def __init__(self, files: ModelFiles, *, device: Union[None, str, torch.device] = None,
@@ -197,7 +212,8 @@ class StepVideoPipeline:
                  text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True, keep_models: bool = False,
                  loras: Sequence[tuple] = ()):
         self.files = files
-        self.loras = [(Path(path), float(strength)) for path, strength in loras]
+        self.loras = [(Path(path), finite_float(strength, f"the strength of LoRA {Path(path).name}"))
+                      for path, strength in loras]
         missing = [str(path) for path, _ in self.loras if not path.exists()]
         if missing:
             raise CheckpointError(f"LoRA file not found: {', '.join(missing)}")
@@ -213,8 +229,13 @@ class StepVideoPipeline:
         self.text_plan, self.text_dtype, self.alibi = text_plan, text_dtype, alibi
         self.keep_models = keep_models
         self._transformer = None
-        self._adapters: tuple = ()
         self._vae = None
+        self._adapters = self._load_adapters() if self.loras else ()
+
+    @property
+    def adapters(self) -> tuple:
+        """The ``loras`` as validated :class:`~stepvideo_core.lora.LoraEntry` objects, applied for each run."""
+        return self._adapters
 
     # -- phases ----------------------------------------------------------------
     def encode(self, prompt: str, negative: Optional[str] = NEGATIVE_PROMPT, add_magic: bool = True,
@@ -256,19 +277,27 @@ class StepVideoPipeline:
             log.info("DiT loaded in %.1f s: %d blocks, width %d, %s weights, compute %s on %s",
                      time.perf_counter() - start, cfg.num_layers, cfg.inner_dim, self._transformer.weight_format,
                      DTYPE_NAMES.get(self.dtype, self.dtype), self.device)
-            self._adapters = tuple(self._load_adapters(self._transformer))
         return self._transformer
 
-    def _load_adapters(self, model: torch.nn.Module) -> list:
-        """The ``loras`` read and validated against ``model`` (zero matches is an error), as LoraEntry."""
+    def _load_adapters(self) -> tuple:
+        """The ``loras`` read, checked and bound to the DiT's architecture, as LoraEntry objects.
+
+        Exists so that a bad adapter (unreadable, NaN/Inf values, keys or shapes that do not
+        fit, zero matches: LoraError) fails in a second, before the text encoders and the DiT
+        are read.  The binding uses module names and shapes only, so it is made against the
+        DiT built on the meta device from config.json and the headers, and holds for the
+        loaded model too (full or fp8 block weights: same names, same shapes); each file is
+        therefore read once per pipeline.
+        """
         from .lora import LoraEntry, load_lora
 
+        architecture = meta_transformer(self.files.transformer)
         entries = []
         for path, strength in self.loras:
-            adapter = load_lora(path, model)
+            adapter = load_lora(path, architecture)
             log.info("LoRA %s (strength %g): %s", path.name, strength, adapter.report().replace("\n", "; "))
             entries.append(LoraEntry(adapter, strength))
-        return entries
+        return tuple(entries)
 
     def vae(self):
         """The VAE, loaded on first use on :attr:`device`."""
@@ -350,9 +379,8 @@ class StepVideoPipeline:
         return GenerationResult(frames=pixels, settings=settings, plan=plan, seconds=seconds, notes=notes)
 
     def unload(self) -> None:
-        """Drop the DiT and the VAE (the next :meth:`generate` loads them again)."""
+        """Drop the DiT and the VAE (the next :meth:`generate` loads them again; the adapters stay)."""
         self._transformer = self._vae = None
-        self._adapters = ()
         self._release_memory()
 
     def _release_memory(self) -> None:

@@ -47,10 +47,9 @@ class StepVideoDiTConfig:
     attention_type: str = "parallel"
 
     def __post_init__(self) -> None:
-        if isinstance(self.caption_channels, tuple):
-            self.caption_channels = list(self.caption_channels)
-        if self.out_channels is None:
-            self.out_channels = self.in_channels
+        spelled = _spelled_out({"caption_channels": self.caption_channels, "in_channels": self.in_channels,
+                                "out_channels": self.out_channels})
+        self.caption_channels, self.out_channels = spelled["caption_channels"], spelled["out_channels"]
         problems = []
         if self.attention_head_dim != HEAD_DIM:
             problems.append(f"attention_head_dim must be {HEAD_DIM} (the 3D RoPE split {list(ROPE_SPLIT)} "
@@ -96,17 +95,56 @@ class StepVideoDiTConfig:
         Raises ConfigError naming ``source`` when the dict is not a Step-Video DiT
         config (for instance a Step-LLM or VAE config put in the wrong folder).
         """
+        require_dit_config(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
         keys = set(data) - _CONFIG_META_KEYS
-        class_name = data.get("_class_name")
-        if class_name not in (None, "StepVideoModel") or not keys & {"num_attention_heads", "num_layers",
-                                                                     "caption_channels"}:
-            raise ConfigError(f"{source} does not describe a Step-Video DiT (StepVideoModel): "
-                              f"{_describe_foreign_config(data)}")
         unknown = sorted(keys - known)
         if unknown:
             warnings.warn(f"{source}: ignoring keys not used by the Step-Video DiT: {unknown}", stacklevel=2)
         return cls(**{k: data[k] for k in keys & known})
+
+    @classmethod
+    def stated_fields(cls, data: Mapping[str, Any]) -> dict:
+        """Every field as config.json ``data`` states it (defaults for the absent ones), *not* validated.
+
+        Exists so that the loader can compare config.json with the weights before validating
+        it: a wrong value then reads "config.json says 64, the weights have 128" instead of
+        a complaint about a value the weights never had.
+        """
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                values[f.name] = data[f.name]
+            else:
+                values[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return _spelled_out(values)
+
+
+def require_dit_config(data: Any, source: str = "config") -> None:
+    """Raise ConfigError naming ``source`` unless ``data`` looks like a Step-Video DiT config.json.
+
+    Exists so that a Step-LLM or VAE config put in the wrong folder is named as such
+    before any of its fields is compared or validated.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source} does not describe a Step-Video DiT (StepVideoModel): it holds a "
+                          f"{type(data).__name__}, not an object of config fields")
+    keys = set(data) - _CONFIG_META_KEYS
+    if data.get("_class_name") not in (None, "StepVideoModel") or not keys & {"num_attention_heads", "num_layers",
+                                                                            "caption_channels"}:
+        raise ConfigError(f"{source} does not describe a Step-Video DiT (StepVideoModel): "
+                          f"{_describe_foreign_config(data)}")
+
+
+def _spelled_out(fields: Mapping[str, Any]) -> dict:
+    """``fields`` with config.json's shorthands spelled out: caption_channels as a list, out_channels None =
+    in_channels (the one place these rules live: the dataclass and the loader's comparison both use it)."""
+    out = dict(fields)
+    if isinstance(out.get("caption_channels"), tuple):
+        out["caption_channels"] = list(out["caption_channels"])
+    if out.get("out_channels") is None:
+        out["out_channels"] = out.get("in_channels")
+    return out
 
 
 def _describe_foreign_config(data: Mapping[str, Any]) -> str:

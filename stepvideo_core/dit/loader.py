@@ -23,7 +23,7 @@ from .. import fp8
 from .. import ops as default_ops
 from ..checkpoint import (SAFETENSORS_SUFFIXES, CheckpointError, PathLike, TensorIndex, load_weights, open_files,
                           open_sharded)
-from .config import ConfigError, StepVideoDiTConfig
+from .config import ConfigError, StepVideoDiTConfig, require_dit_config
 from .model import StepVideoTransformer, build_transformer
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -72,8 +72,12 @@ def _config_if_matching(config: Path, weights: Path) -> Optional[Path]:
     return config if data.get("_class_name") == "StepVideoModel" else None
 
 
-def infer_config(index: TensorIndex) -> StepVideoDiTConfig:
-    """DiT config implied by tensor shapes (for single files shipped without config.json)."""
+def shape_fields(index: TensorIndex) -> dict:
+    """The config fields the tensor shapes imply (:data:`_SHAPE_FIELDS`), as raw values, not validated.
+
+    Exists so that config.json can be compared with the weights field by field before
+    either is validated.  Raises CheckpointError when the tensors are not a Step-Video DiT.
+    """
     shapes = index.shapes()
     required = ("pos_embed.proj.weight", "adaln_single.linear.weight", "proj_out.weight",
                 "caption_projection.linear_1.weight", "transformer_blocks.0.attn1.q_norm.weight")
@@ -86,35 +90,67 @@ def infer_config(index: TensorIndex) -> StepVideoDiTConfig:
     layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
     caption = shapes["caption_projection.linear_1.weight"][1]
     clip = shapes.get("clip_projection.weight")
+    return dict(num_attention_heads=dim // head_dim, attention_head_dim=head_dim, in_channels=in_channels,
+                out_channels=shapes["proj_out.weight"][0] // (patch * patch), num_layers=layers, patch_size=patch,
+                norm_elementwise_affine="norm_out.weight" in shapes,
+                caption_channels=[caption, clip[1]] if clip else caption)
+
+
+def infer_config(index: TensorIndex) -> StepVideoDiTConfig:
+    """DiT config implied by tensor shapes (for single files shipped without config.json)."""
     try:
-        return StepVideoDiTConfig(
-            num_attention_heads=dim // head_dim, attention_head_dim=head_dim, in_channels=in_channels,
-            out_channels=shapes["proj_out.weight"][0] // (patch * patch), num_layers=layers, patch_size=patch,
-            norm_elementwise_affine="norm_out.weight" in shapes,
-            caption_channels=[caption, clip[1]] if clip else caption)
+        return StepVideoDiTConfig(**shape_fields(index))
     except ConfigError as exc:
         raise CheckpointError(f"{index.source}: {exc}") from exc
 
 
 def read_config(config_path: Path, index: TensorIndex) -> StepVideoDiTConfig:
-    """config.json checked against the weights: a mismatch names each differing field."""
+    """config.json checked against the weights; returns the validated config.
+
+    The fields the shapes determine are compared first, as config.json states them: a
+    mismatch names the file and every differing field with both values
+    (``attention_head_dim: config.json says 64, the weights have 128``).  Only a config
+    that agrees with the weights is validated (StepVideoDiTConfig's own checks).
+    """
     try:
         data = json.loads(config_path.read_text())
     except ValueError as exc:
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = StepVideoDiTConfig.from_dict(data, source=str(config_path))
+        require_dit_config(data, source=str(config_path))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
-    inferred = infer_config(index)
-    diffs = [f"{f}: config.json says {getattr(config, f)!r}, the weights have {getattr(inferred, f)!r}"
-             for f in _SHAPE_FIELDS if getattr(config, f) != getattr(inferred, f)]
+    stated, implied = StepVideoDiTConfig.stated_fields(data), shape_fields(index)
+    diffs = [f"{f}: config.json says {stated[f]!r}, the weights have {implied[f]!r}"
+             for f in _SHAPE_FIELDS if stated[f] != implied[f]]
     if diffs:
         raise CheckpointError(f"{config_path} does not match the weights in {index.source} "
                               f"(config and shards from different models?): " + "; ".join(diffs))
-    return config
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return StepVideoDiTConfig.from_dict(data, source=str(config_path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def resolve_config(index: TensorIndex, config_path: Optional[Path]) -> StepVideoDiTConfig:
+    """The DiT config of a checkpoint: its config.json checked against the shapes, or inferred from them.
+
+    Reads config.json and the headers only, so callers can validate against the architecture
+    (e.g. LoRA adapters, on a meta-device model) before any weight is read.
+    """
+    return read_config(config_path, index) if config_path else infer_config(index)
+
+
+def meta_transformer(path: PathLike) -> StepVideoTransformer:
+    """The DiT architecture of the checkpoint at ``path`` on the meta device: names and shapes, no weights.
+
+    Reads config.json and the headers only (so it costs a second even for the 30B files);
+    what LoRA validation binds against before the real weights are loaded.
+    """
+    index, config_path = find_transformer_files(path)
+    return build_transformer(resolve_config(index, config_path), device="meta")
 
 
 def detect_weight_format(index: TensorIndex) -> str:
@@ -143,7 +179,7 @@ def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
     before reading any weight when the files do not fit.
     """
     index, config_path = find_transformer_files(path)
-    config = read_config(config_path, index) if config_path else infer_config(index)
+    config = resolve_config(index, config_path)
     file_format = detect_weight_format(index)
     weight_format = resolve_weight_format(weight_format, index)
     use_fp8 = "fp8_scaled" in (weight_format, file_format)
@@ -161,7 +197,7 @@ def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
         if weight_format == "fp8_scaled" and file_format == "full":
             for layer in fp8.fp8_layers(model, FP8_PREFIX).values():
                 layer.quantize_on_load = True
-        take = fp8.make_take_hook(model, device)
+        take = fp8.make_take_hook(model, device, source=index.source)
     load_weights(model, index, dtype=dtype, device=device, take=take,
                  what=f"a Step-Video DiT with {config.num_layers} blocks of width {config.inner_dim}")
     if weight_format == "full" and file_format == "fp8_scaled":

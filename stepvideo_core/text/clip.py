@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -37,6 +39,10 @@ SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "pytorch_model.bin"
 _IGNORED_PREFIXES = ("cls.",)
 _IGNORED_KEYS = ("embeddings.position_ids",)
+# How torch's weights-only reader words a refusal for code: "GLOBAL module.name" (a function or class
+# it will not import), or a pointer to its allowlist (an object it will not build).
+_GLOBAL_REFERENCE = re.compile(r"GLOBAL ([\w.]+)")
+_ALLOWLIST_HINT = "add_safe_globals"
 
 
 def find_clip_dir(path: PathLike) -> Path:
@@ -67,19 +73,43 @@ def clip_weight_file(encoder_dir: Path) -> Path:
 
 
 def _pickle_shapes(path: Path) -> dict[str, tuple[tuple, str]]:
-    """name -> (shape, dtype) of a torch-saved state dict, read with ``weights_only=True`` (memory-mapped)."""
+    """name -> (shape, dtype) of a torch-saved state dict, read with ``weights_only=True`` (memory-mapped).
+
+    Raises CheckpointError saying which of two things is wrong: the pickle references code
+    (classes or functions, e.g. ``posix.system``; refused before anything in it is built, so
+    nothing ran), or the file is truncated/corrupt.
+    """
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files saved in torch's pre-1.6 format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler raises many types; all mean "not a plain tensor file"
-        raise CheckpointError(f"{path} ({path.stat().st_size:,} bytes) could not be read as a plain tensor "
-                              f"file with torch.load(weights_only=True): {exc}. It is truncated, or holds "
-                              f"more than tensors (refused: such files can run code when opened).") from exc
+    except pickle.UnpicklingError as exc:
+        names = sorted(set(_GLOBAL_REFERENCE.findall(str(exc))))
+        if not (names or _ALLOWLIST_HINT in str(exc)):
+            raise CheckpointError(_damaged_pickle_message(path, exc)) from None
+        shown = f" ({', '.join(names)})" if names else ""
+        raise CheckpointError(
+            f"{path} is refused: it is a pickle that references code{shown}, not only tensors. It was never "
+            f"unpickled (the weights_only=True reader stops at the first code reference), so nothing in it ran. "
+            f"Use {SAFETENSORS_NAME} instead (the release ships it next to {PICKLE_NAME}; put it in "
+            f"{path.parent}), or re-save the tensors as safetensors from a copy you trust.") from None
+    except Exception as exc:  # the unpickler raises many types; all mean "damaged"
+        raise CheckpointError(_damaged_pickle_message(path, exc)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors")
+        raise CheckpointError(f"{path} is not a state dict of tensors (it holds a {type(state).__name__}); "
+                              f"use {SAFETENSORS_NAME} of the release")
     return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state.items()}
+
+
+def _damaged_pickle_message(path: Path, exc: Exception) -> str:
+    """The message for a .bin that cannot be read: truncated or corrupt, with the reader's own words."""
+    detail = str(exc).strip()
+    if not detail or "weights_only" in detail:  # never pass on torch's advice to switch the safe reader off
+        detail = type(exc).__name__
+    return (f"{path} ({path.stat().st_size:,} bytes) is truncated or corrupt: it could not be read as a "
+            f"torch-saved state dict ({detail}). An interrupted download or copy? Download it again, or use "
+            f"{SAFETENSORS_NAME} of the release instead.")
 
 
 def clip_index(weight_file: Path) -> TensorIndex:

@@ -210,15 +210,30 @@ def text_encoder_files(step_llm_dir: Path, clip_dir: Path) -> list[Path]:
     return files
 
 
+class ClipFolderNotFound(CheckpointError):
+    """No ``hunyuan_clip/`` was given and none sits next to ``step_llm/``.
+
+    ``llm_dir`` is the Step-LLM folder it was looked for beside, so a caller with other
+    inputs than ``clip_dir`` (the CLI's ``--text-encoders``) can say what to pass instead.
+    """
+
+    def __init__(self, message: str, llm_dir: Path):
+        super().__init__(message)
+        self.llm_dir = llm_dir
+
+
 def resolve_text_encoder_dirs(step_llm_dir: PathLike, clip_dir: Optional[PathLike] = None) -> tuple[Path, Path]:
-    """(step_llm folder, hunyuan_clip folder); without ``clip_dir`` it is looked for next to step_llm."""
+    """(step_llm folder, hunyuan_clip folder); without ``clip_dir`` it is looked for next to step_llm.
+
+    Raises :class:`ClipFolderNotFound` when it is not there (a CheckpointError naming ``clip_dir``).
+    """
     llm_dir = find_step_llm_dir(step_llm_dir)
     if clip_dir is None:
         candidates = [Path(step_llm_dir) / CLIP_DIR, llm_dir.parent / CLIP_DIR]
         clip_dir = next((c for c in candidates if c.is_dir()), None)
         if clip_dir is None:
-            raise CheckpointError(f"no {CLIP_DIR}/ folder next to {llm_dir}; pass clip_dir (the release's "
-                                  f"{CLIP_DIR}/ folder with clip_text_encoder/ and tokenizer/)")
+            raise ClipFolderNotFound(f"no {CLIP_DIR}/ folder next to {llm_dir}; pass clip_dir (the release's "
+                                     f"{CLIP_DIR}/ folder with clip_text_encoder/ and tokenizer/)", llm_dir)
     return llm_dir, find_clip_dir(clip_dir)
 
 
@@ -250,5 +265,5 @@ def load_text_encoder(step_llm_dir: PathLike, clip_dir: Optional[PathLike] = Non
                                 cache_size=cache_size, identity=identity)
 
 
-__all__ = ["NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC", "StepVideoTextEncoder", "load_text_encoder",
-           "resolve_text_encoder_dirs", "with_magic"]
+__all__ = ["ClipFolderNotFound", "NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC", "StepVideoTextEncoder",
+           "load_text_encoder", "resolve_text_encoder_dirs", "with_magic"]

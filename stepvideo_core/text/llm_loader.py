@@ -14,10 +14,13 @@ mismatch names each differing field.  Pickled weights (``*.bin``) are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
+from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -75,23 +78,59 @@ def find_step_llm_files(path: PathLike) -> tuple[TensorIndex, Path]:
     return index, config
 
 
-def infer_shape_fields(index: TensorIndex, head_dim: int) -> dict:
-    """Config fields implied by the tensor shapes (``head_dim`` from config.json fixes the group count)."""
+def shape_fields(index: TensorIndex) -> dict:
+    """What the tensor shapes fix, as raw numbers: ``hidden_size``, ``padded_vocab_size``, ``num_layers``,
+    and when present ``ffn_inner`` (the SwiGLU width) and ``kv_rows`` (key/value rows of ``attention.wqkv``,
+    = 2 x head_dim x groups).  Exists so config.json can be compared with the weights before validation."""
     shapes = index.shapes()
     vocab, hidden = shapes[EMBEDDING]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := _LAYER.match(k)))
     fields = {"hidden_size": hidden, "padded_vocab_size": vocab, "num_layers": layers}
     wqkv = shapes.get("transformer.layers.0.attention.wqkv.weight")
-    if wqkv is not None and head_dim:
-        fields["num_attention_groups"] = (wqkv[0] - hidden) / (2 * head_dim)
+    if wqkv is not None:
+        fields["kv_rows"] = wqkv[0] - hidden
     w2 = shapes.get("transformer.layers.0.feed_forward.w2.weight")
     if w2 is not None:
         fields["ffn_inner"] = w2[1]
     return fields
 
 
+def _stated_fields(data: dict) -> dict:
+    """Every StepLLMConfig field as config.json ``data`` states it (defaults for the absent ones), not validated."""
+    return {f.name: data.get(f.name, f.default) for f in dataclasses.fields(StepLLMConfig)}
+
+
+def _group_mismatch(stated: dict, implied: dict) -> Optional[str]:
+    """The heads/groups disagreement between config.json and ``attention.wqkv``, in words, or None.
+
+    The weights fix only the ratio groups/heads (= kv_rows / (2 x hidden_size)), not either
+    count; so a mismatch is stated in terms of the field the weights do determine, never as
+    a fractional group count that would blame the wrong field.
+    """
+    heads, groups = stated["num_attention_heads"], stated["num_attention_groups"]
+    if "kv_rows" not in implied or not all(isinstance(v, int) and v > 0 for v in (heads, groups)):
+        return None  # nothing to compare (the config's own validation reports bad values)
+    ratio = Fraction(implied["kv_rows"], 2 * implied["hidden_size"])
+    if Fraction(groups, heads) == ratio:
+        return None
+    implied_groups = ratio * heads
+    either = f"the weights fix only groups/heads = {ratio}: either field may be wrong"
+    if implied_groups.denominator == 1:
+        return (f"num_attention_groups: config.json says {groups}, the weights have {implied_groups.numerator} "
+                f"with num_attention_heads {heads} ({either})")
+    return (f"num_attention_groups / num_attention_heads: config.json says {groups} groups for {heads} heads, "
+            f"the weights imply groups/heads = {ratio} (attention.wqkv has {implied['kv_rows']} key/value rows "
+            f"for width {implied['hidden_size']}): either field may be wrong")
+
+
 def read_step_llm_config(config_path: Path, index: TensorIndex) -> StepLLMConfig:
-    """config.json checked against the weights: a mismatch names each differing field."""
+    """config.json checked against the weights; returns the validated config.
+
+    The fields the shapes determine are compared first, as config.json states them, and a
+    mismatch names each differing field with both values; only a config that agrees with the
+    weights is validated (StepLLMConfig's own checks), so a wrong ``hidden_size`` reads as
+    such, not as a consequence of it.
+    """
     try:
         data = json.loads(Path(config_path).read_text())
     except ValueError as exc:
@@ -100,28 +139,26 @@ def read_step_llm_config(config_path: Path, index: TensorIndex) -> StepLLMConfig
         kind = data.get("_class_name") or data.get("architectures") if isinstance(data, dict) else None
         raise CheckpointError(f"{config_path} is not a Step-LLM config (no hidden_size / num_attention_heads"
                               f"{f'; it describes {kind}' if kind else ''}); expected step_llm/config.json")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = StepLLMConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: {exc}") from exc
-    inferred = infer_shape_fields(index, config.head_dim)
-    ours = {"hidden_size": config.hidden_size, "padded_vocab_size": config.padded_vocab_size,
-            "num_layers": config.num_layers, "num_attention_groups": config.num_attention_groups,
-            "ffn_inner": config.ffn_inner}
-    labels = {"ffn_inner": "ffn_hidden_size (rounded up to 256)"}
-    diffs = [f"{labels.get(f, f)}: config.json says {ours[f]!r}, the weights have {_tidy(inferred[f])!r}"
-             for f in inferred if ours[f] != inferred[f]]
+    stated, implied = _stated_fields(data), shape_fields(index)
+    diffs = [f"{f}: config.json says {stated[f]!r}, the weights have {implied[f]!r}"
+             for f in ("hidden_size", "padded_vocab_size", "num_layers") if stated[f] != implied[f]]
+    groups = _group_mismatch(stated, implied)
+    diffs += [groups] if groups else []
+    if "ffn_inner" in implied and isinstance(stated["ffn_hidden_size"], int):
+        # StepLLMConfig's own rounding rule, applied to the stated value before validation
+        inner = StepLLMConfig.ffn_inner.fget(SimpleNamespace(ffn_hidden_size=stated["ffn_hidden_size"]))
+        if inner != implied["ffn_inner"]:
+            diffs.append(f"ffn_hidden_size (rounded up to 256): config.json says {inner!r}, "
+                         f"the weights have {implied['ffn_inner']!r}")
     if diffs:
         raise CheckpointError(f"{config_path} does not match the weights in {index.source} "
                               f"(config and shards from different models?): " + "; ".join(diffs))
-    return config
-
-
-def _tidy(value):
-    """Whole floats as ints in messages (an implied group count of 8.0 reads as 8)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return StepLLMConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
 
 
 def load_step_llm(path: PathLike, dtype: Optional[torch.dtype] = torch.bfloat16,
