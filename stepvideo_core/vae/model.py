@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops as default_ops
+from ..checks import NonFiniteError, count_non_finite
 from ..memory import trim_host_heap
 from .config import (FRAME_CHUNK, LATENT_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig,
                      check_latent_shape, check_video_shape)
@@ -145,6 +146,10 @@ class StepVideoVAE(nn.Module):
         official code, from ``generator`` (or the global RNG); False: the mean.
         """
         check_video_shape(video.shape)
+        bad = count_non_finite(video)
+        if bad:
+            raise NonFiniteError(f"the frames to encode hold {bad} NaN/Inf values (of {video.numel()}); "
+                                 f"expected pixel values in [-1, 1]")
         batch, frames, _, height, width = video.shape
         chunks = frames // FRAME_CHUNK
         z = self.config.z_channels
@@ -222,9 +227,16 @@ class StepVideoVAE(nn.Module):
         """Video [B, F/3*17, 3, 16h, 16w] of ``latents`` [B, F, z, h, w], in [-1, 1] when ``clamp``.
 
         3-latent chunks are decoded one by one into a preallocated output and every seam
-        is blended (:func:`blend_seam`) as soon as both its sides exist.
+        is blended (:func:`blend_seam`) as soon as both its sides exist.  Raises
+        :class:`~stepvideo_core.checks.NonFiniteError` for NaN/Inf latents, and for a chunk
+        that decodes to NaN/Inf (clamping would turn either into a black or white video).
         """
         check_latent_shape(latents.shape, self.config.z_channels)
+        bad = count_non_finite(latents)
+        if bad:
+            raise NonFiniteError(f"the latents to decode hold {bad} NaN/Inf values (of {latents.numel()}): they "
+                                 f"would decode to a black video. Sample them again (in bf16 rather than fp16), "
+                                 f"without the adapter or file that produced them.")
         batch, frames, _, h, w = latents.shape
         chunks = frames // LATENT_CHUNK
         out = torch.empty(batch, chunks * FRAME_CHUNK, self.config.out_channels, h * SPATIAL_FACTOR,
@@ -234,6 +246,10 @@ class StepVideoVAE(nn.Module):
             with polled(self.decoder, should_stop, f"VAE decode stopped on request inside chunk {i + 1} of {chunks}"):
                 part = self.decode_chunk(latents[:, i * LATENT_CHUNK:(i + 1) * LATENT_CHUNK], tile=tile,
                                          overlap=overlap)
+            if not bool(torch.isfinite(part).all()):
+                raise NonFiniteError(f"VAE decode produced NaN/Inf in chunk {i + 1} of {chunks} (from finite "
+                                     f"latents): the VAE overflowed in {str(self.compute_dtype).replace('torch.', '')}"
+                                     f" or its weights are damaged. Decode in bf16 or fp32.")
             out[:, i * FRAME_CHUNK:(i + 1) * FRAME_CHUNK].copy_(part)
             del part
             if i > 0:
