@@ -27,9 +27,10 @@ import torch
 from .attention import check_backend
 from .checkpoint import CheckpointError
 from .checks import finite_float
-from .dit.loader import find_transformer_files, load_transformer, meta_transformer
+from .dit.loader import (detect_weight_format, find_transformer_files, load_transformer, meta_transformer,
+                         resolve_config)
 from .memory import available_host_bytes, trim_host_heap
-from .offload.planner import auto_plan, host_plan
+from .offload.planner import auto_plan, host_plan, weight_bytes
 from .sampling import DEFAULT_PRESET, PRESETS, check_video_size, resolve_settings, sample
 from .text.clip import CLIP_DIR
 from .text.encoder import (NEGATIVE_PROMPT, ClipFolderNotFound, load_text_encoder, resolve_text_encoder_dirs,
@@ -335,6 +336,31 @@ class StepVideoPipeline:
             torch.cuda.empty_cache()
         return latents, plan
 
+    def check_memory(self, *, width: int, height: int, frames: int, guided: bool) -> Optional[dict]:
+        """On the CPU, refuse a run that cannot fit in RAM before anything loads; returns the plan (None on a GPU).
+
+        Made from config.json and the file headers: the RAM available now, less the DiT's weights
+        when they are not loaded yet (the text encoders are freed before the DiT loads), must hold
+        the run's activations (:func:`check_plan`).  Exists so that an impossible size costs a
+        second, not a text-encoder and DiT load; :meth:`sample` checks again once the DiT is in RAM.
+        A GPU run is planned when it samples (its free memory is only known then).
+        """
+        if self.device.type != "cpu":
+            return None
+        index, config_path = find_transformer_files(self.files.transformer)
+        config = resolve_config(index, config_path)
+        stored = detect_weight_format(index) if self.weight_format == "auto" else self.weight_format
+        fmt = "fp8_scaled" if stored == "fp8_scaled" else DTYPE_NAMES[self.dtype]
+        available = available_host_bytes()
+        if available is not None and self._transformer is None:
+            sizes = weight_bytes(fmt, DTYPE_NAMES[self.dtype], config.to_dict())
+            available = max(0, available - sizes["layers"] * sizes["block"] - sizes["non_block"])
+        plan = plan_blocks(config, device=self.device, compute_dtype=self.dtype, weight_format=stored,
+                           attention=self.attention, width=width, height=height, frames=frames, guided=guided,
+                           free_bytes=available)
+        check_plan(plan)
+        return plan
+
     def decode(self, latents: torch.Tensor, progress: Optional[ProgressFactory] = None,
                should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
         """uint8 frames ``[T, H, W, 3]`` of ``latents`` ``[1, F, C, h, w]``: VAE decode + official post-processing."""
@@ -357,6 +383,7 @@ class StepVideoPipeline:
         check_video_size(width, height, frames)
         run = resolve_settings(resolve_preset(preset), steps, cfg, shift)
         guided = run["cfg"] > 1.0
+        self.check_memory(width=width, height=height, frames=frames, guided=guided)
         seconds = {}
         start = time.perf_counter()
         positive, neg, notes = self.encode(prompt, (negative or "") if guided else None, add_magic, progress)

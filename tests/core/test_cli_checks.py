@@ -124,3 +124,13 @@ def test_python_callers_still_read_the_argument_name(tmp_path):
     write_tiny_step_llm(tmp_path / "step_llm", tokenizer=False)
     with pytest.raises(CheckpointError, match="no hunyuan_clip/ folder next to .*; pass clip_dir"):
         resolve_text_encoder_dirs(tmp_path / "step_llm")
+
+
+def test_a_run_that_cannot_fit_in_ram_is_refused_before_any_model_loads(cache, tmp_path, capsys, monkeypatch,
+                                                                        no_model_loads):
+    monkeypatch.setattr(pipeline_mod, "available_host_bytes", lambda: 21 * 2 ** 30)
+    code = generate(cache, tmp_path, "--width", "4096", "--height", "4096", "--frames", "1020")
+    err = capsys.readouterr().err
+    assert code == 2 and "error: refused before allocating: does not fit in RAM" in err, err
+    assert "GiB available" in err and "what fits: 4096x4096 with at most" in err
+    assert not (tmp_path / "video.mp4").exists()
