@@ -46,7 +46,8 @@ def free_port() -> int:
 
 def make_base_dir(base: Path, release: Path) -> Path:
     """Lay out a ComfyUI base folder: ``custom_nodes/ComfyUI-StepVideo`` -> this repository and
-    ``models/...`` -> the parts of the tiny ``release`` (symlinks, nothing copied)."""
+    ``models/...`` -> the parts of the tiny ``release`` (symlinks, nothing copied), plus a tiny LoRA
+    for that release in ``models/loras``."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_LINK).symlink_to(REPO_ROOT, target_is_directory=True)
     for entry, part in TINY_LAYOUT.items():
@@ -54,6 +55,11 @@ def make_base_dir(base: Path, release: Path) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         target = release / part if part else release
         link.symlink_to(target, target_is_directory=target.is_dir())
+    from stepvideo_core.tiny import TINY_RELEASE_DIT_CONFIG, write_tiny_lora
+
+    (base / "models" / "loras").mkdir(parents=True, exist_ok=True)  # one adapter for the LoRA loader's tests
+    write_tiny_lora(base / "models" / "loras" / "tiny_lora.safetensors", config=TINY_RELEASE_DIT_CONFIG, keys="comfy",
+                    alpha=4.0)
     return base
 
 

@@ -156,3 +156,28 @@ def test_plan_route_answers_for_the_chosen_model(comfy_server):
     assert status == 200 and body["fits"] is True and body["plan"]["free_bytes"] == 24 * 2**30
     status, body = comfy_server.get("/api/stepvideo/plan?frames=100")
     assert status == 400 and "nearest valid: 85 or 102" in body["error"]
+
+
+@pytest.mark.parametrize("node_type, name", [(SAMPLER, "cfg"), (SAMPLER, "shift"), ("StepVideoLoraLoader", "strength")])
+def test_a_json_nan_fails_the_run_instead_of_a_black_video(comfy_server, node_type, name):
+    """A JSON NaN passes ComfyUI's min/max check (every comparison with NaN is false); the node refuses it."""
+    workflows = [w for w in API_WORKFLOWS if node_type in {n["class_type"] for n in load_api(w).values()}]
+    if not workflows:  # no shipped workflow has a LoRA loader: put one between the model loader and the sampler
+        prompt = tiny(load_api(API_WORKFLOWS[0]), seed=21)
+        sampler, loader = node_id(prompt, SAMPLER), node_id(prompt, "StepVideoModelLoader")
+        _, info = comfy_server.get("/object_info/StepVideoLoraLoader")
+        loras = info["StepVideoLoraLoader"]["input"]["required"]["lora_name"][0]
+        assert loras == ["tiny_lora.safetensors"]
+        prompt["900"] = {"class_type": "StepVideoLoraLoader",
+                         "inputs": {"model": [loader, 0], "lora_name": loras[0], "strength": 1.0, "mode": "auto",
+                                    "blocks": ""}}
+        prompt[sampler]["inputs"]["model"] = ["900", 0]
+    else:
+        prompt = tiny(load_api(workflows[0]), seed=21)
+    prompt[node_id(prompt, node_type)]["inputs"][name] = float("nan")
+    result = comfy_server.run(prompt, timeout=300)
+    assert result.status == "error", json.dumps(result.history, indent=1)[-2000:]
+    (error,) = result.of_type("execution_error")
+    assert error["node_type"] == node_type
+    assert f"{name} must be a finite number, got nan" in error["exception_message"]
+    assert not result.output_files(".mp4")
