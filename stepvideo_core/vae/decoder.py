@@ -51,7 +51,8 @@ class VideoDecoder(nn.Module):
             block_in = width
         self.up = nn.ModuleList(levels)
         self.norm_out = operations.GroupNorm(GROUPS, block_in, eps=NORM_EPS, **kw)
-        self.conv_out = CausalConv(block_in, config.out_channels, 3, operations, **kw)
+        self.conv_out = CausalConv(block_in, config.out_channels, 3, operations, channels_last=True,
+                                   pad_in_conv=True, **kw)
         # the temporal x2 layers turn the first latent frame into this many warm-up frames
         self.drop_frames = 2 ** len(config.decoder_temporal_up) - 1
 

@@ -70,7 +70,8 @@ class VideoEncoder(nn.Module):
         self.mid = Mid(block_in, operations, **kw)
         self.norm_out = operations.GroupNorm(GROUPS, block_in, eps=NORM_EPS, **kw)
         self.conv_patchify = PatchifyConv(block_in, config.patch_channels, PATCH, operations, **kw)
-        self.conv_out = CausalConv(config.patch_channels, 2 * config.z_channels, 3, operations, **kw)
+        self.conv_out = CausalConv(config.patch_channels, 2 * config.z_channels, 3, operations,
+                                   channels_last=True, **kw)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """Moments [B, T', 2z, h, w] of ``video`` [B, 3, T, H, W] (one independent chunk)."""
