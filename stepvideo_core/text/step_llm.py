@@ -91,14 +91,21 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 def causal_bias(n_heads: int, length: int, alibi: bool, device=None) -> torch.Tensor:
-    """Additive fp32 attention bias [n_heads, length, length]: -slope_h*sqrt(i-j) (or 0) on and
-    below the diagonal, -inf above it."""
+    """Additive fp32 attention bias: -inf above the diagonal; on and below it
+    -slope_h*sqrt(i-j) as [n_heads, length, length] when ``alibi``, else 0 as one
+    [length, length] matrix that broadcasts over the heads.
+
+    The plain causal bias has no head dimension on purpose: that is the shape the
+    official stand-in hands SDPA, and SDPA on CPU rounds a per-head [H, S, S] mask
+    differently (up to 7.6e-3 relative in bf16), so the shape is part of the arithmetic.
+    """
     i = torch.arange(length, device=device).view(-1, 1)
     j = torch.arange(length, device=device).view(1, -1)
-    bias = torch.zeros(n_heads, length, length, device=device)
     if alibi:
         distance = (i - j).clamp(min=0).float().sqrt()
         bias = -alibi_slopes(n_heads).to(device).view(-1, 1, 1) * distance
+    else:
+        bias = torch.zeros(length, length, device=device)
     return bias.masked_fill(j > i, float("-inf"))
 
 
@@ -114,7 +121,7 @@ class GroupedQueryAttention(nn.Module):
         self.wo = operations.Linear(cfg.hidden_size, cfg.hidden_size, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], bias [H, S, S] -> [B, S, D]; softmax in fp32 (scale 1/sqrt(head_dim))."""
+        """x [B, S, D], bias [H, S, S] or [S, S] -> [B, S, D]; softmax in fp32 (scale 1/sqrt(head_dim))."""
         b, s, d = x.shape
         q, kv = torch.split(self.wqkv(x), [d, 2 * self.head_dim * self.n_groups], dim=-1)
         q = q.view(b, s, self.n_heads, self.head_dim)
