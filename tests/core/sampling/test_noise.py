@@ -1,9 +1,12 @@
 """Video sizes and seeded noise."""
 
+import hashlib
+
 import pytest
 import torch
 
 from stepvideo_core.sampling import SizeError, check_video_size, initial_noise, latent_shape, video_frames
+from stepvideo_core.sampling.noise import cpu_standard_normal
 
 
 def test_official_latent_shapes():
@@ -34,12 +37,48 @@ def test_every_invalid_value_is_reported_at_once():
         check_video_size(992.0, 544, 17)
 
 
+def _sha256(t: torch.Tensor) -> str:
+    """Digest of the tensor's bits (little-endian), so every bit of every value counts."""
+    bits = t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
+    return hashlib.sha256(bits.astype(bits.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
 def test_noise_is_seeded_bf16_and_drawn_on_cpu():
     a = initial_noise((1, 3, 64, 2, 2), seed=1234)
     b = initial_noise((1, 3, 64, 2, 2), seed=1234)
     c = initial_noise((1, 3, 64, 2, 2), seed=1235)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b) and not torch.equal(a, c)
-    expected = torch.randn((1, 3, 64, 2, 2), generator=torch.Generator().manual_seed(1234), dtype=torch.bfloat16)
-    assert torch.equal(a, expected)  # the recipe is CPU generator -> bf16, whatever the target device
+    generator = torch.Generator().manual_seed(1234)
+    expected = torch.randn((1, 3, 64, 2, 2), generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    assert torch.equal(a, expected)  # the recipe: CPU generator -> float64 -> bf16, whatever the target device
     assert initial_noise((2,), seed=2 ** 64 - 1).shape == (2,)  # ComfyUI's full seed range
     assert 0.8 < a.float().std() < 1.2
+
+
+def test_noise_values_are_pinned():
+    """The same bits on every machine, CPU code path and torch release: hard-coded, not re-derived.
+
+    Made with torch 2.13; the same bits come out of torch 2.9.1, and of both under
+    ATEN_CPU_CAPABILITY=default, avx2 and avx512.  A direct bf16 or float32 draw (what
+    torch.randn gives without the float64 step) fails this at once.
+    """
+    noise = initial_noise((1, 3, 64, 4, 4), seed=1234)
+    assert noise.flatten()[:8].tolist() == [-0.08837890625, 0.341796875, 0.412109375, 1.0078125,
+                                            -0.11181640625, -0.59765625, -0.09814453125, -0.3515625]
+    assert _sha256(noise) == "d1f87afceb65c15b4fadb03f132007cc4940d97dab1eef78fd1b3c2e368ba970"
+    top = initial_noise((1, 3, 64, 4, 4), seed=2 ** 64 - 1)
+    assert top.flatten()[:4].tolist() == [-1.984375, 1.2109375, -1.640625, -0.77734375]
+    assert _sha256(top) == "b6fe7e55ad6db952e6793177fc51dca210335e5f56b96a010508b14d08319de7"
+    fp32 = initial_noise((1, 3, 64, 4, 4), seed=1234, dtype=torch.float32)
+    assert fp32.dtype == torch.float32 and torch.equal(fp32.to(torch.bfloat16), noise)
+    assert _sha256(fp32) == "6ef2003a860bc170a4675536ba75c17411b093d5489aba0e3f326c7a19053ba5"
+
+
+def test_cpu_standard_normal_is_the_float64_draw_rounded():
+    draw = cpu_standard_normal((3, 17), torch.Generator().manual_seed(5), torch.float32)
+    reference = torch.randn((3, 17), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert draw.dtype == torch.float32 and draw.device.type == "cpu"
+    assert torch.equal(draw, reference.float())
+    generator = torch.Generator().manual_seed(9)
+    first, second = (cpu_standard_normal((4,), generator) for _ in range(2))
+    assert not torch.equal(first, second)  # it advances the caller's generator
