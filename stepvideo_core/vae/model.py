@@ -21,6 +21,7 @@ from torch import nn
 from .. import ops as default_ops
 from ..checks import NonFiniteError, count_non_finite
 from ..memory import trim_host_heap
+from ..sampling.noise import cpu_standard_normal
 from .config import (FRAME_CHUNK, LATENT_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig,
                      check_latent_shape, check_video_shape)
 from .decoder import VideoDecoder
@@ -143,7 +144,9 @@ class StepVideoVAE(nn.Module):
 
         ``sample`` True: the posterior sample mean + std * noise (logvar clamped to
         [-30, 20]), where the noise for the *whole* latent is drawn at once like the
-        official code, from ``generator`` (or the global RNG); False: the mean.
+        official code, from ``generator`` (or the global RNG); False: the mean.  A CPU
+        ``generator`` draws through :func:`~stepvideo_core.sampling.noise.cpu_standard_normal`
+        (float64, rounded), so a seed gives the same latent on every machine and torch version.
         """
         check_video_shape(video.shape)
         bad = count_non_finite(video)
@@ -157,8 +160,11 @@ class StepVideoVAE(nn.Module):
         out = torch.empty(shape, dtype=self.compute_dtype, device=output_device or self.device)
         noise = None
         if sample:
-            noise_device = generator.device if generator is not None else self.device
-            noise = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32)
+            if generator is not None and generator.device.type == "cpu":  # the same values on every machine
+                noise = cpu_standard_normal(shape, generator, torch.float32)
+            else:  # the official draw: the global RNG (or the caller's device generator) on the device
+                noise_device = generator.device if generator is not None else self.device
+                noise = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32)
             noise = noise.to(device=out.device, dtype=self.compute_dtype)
         for i in range(chunks):
             _check_stop(should_stop, "encode", i, chunks)
