@@ -20,7 +20,6 @@ import re
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -28,7 +27,7 @@ import torch
 from .. import ops as default_ops
 from ..checkpoint import (SAFETENSORS_SUFFIXES, CheckpointError, PathLike, TensorIndex, load_weights, open_files,
                           open_sharded)
-from .step_llm import StepLLM, StepLLMConfig, build_step_llm
+from .step_llm import StepLLM, StepLLMConfig, build_step_llm, swiglu_width
 
 STEP_LLM_DIR = "step_llm"
 INDEX_NAME = "model.safetensors.index.json"
@@ -145,8 +144,7 @@ def read_step_llm_config(config_path: Path, index: TensorIndex) -> StepLLMConfig
     groups = _group_mismatch(stated, implied)
     diffs += [groups] if groups else []
     if "ffn_inner" in implied and isinstance(stated["ffn_hidden_size"], int):
-        # StepLLMConfig's own rounding rule, applied to the stated value before validation
-        inner = StepLLMConfig.ffn_inner.fget(SimpleNamespace(ffn_hidden_size=stated["ffn_hidden_size"]))
+        inner = swiglu_width(stated["ffn_hidden_size"])  # the config's own rule, before validation
         if inner != implied["ffn_inner"]:
             diffs.append(f"ffn_hidden_size (rounded up to 256): config.json says {inner!r}, "
                          f"the weights have {implied['ffn_inner']!r}")

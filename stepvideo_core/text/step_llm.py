@@ -65,8 +65,8 @@ class StepLLMConfig:
 
     @property
     def ffn_inner(self) -> int:
-        """SwiGLU width: ffn_hidden_size rounded up to a multiple of 256 (16896 stays 16896)."""
-        return 256 * math.ceil(self.ffn_hidden_size / 256)
+        """SwiGLU width (:func:`swiglu_width` of ``ffn_hidden_size``)."""
+        return swiglu_width(self.ffn_hidden_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +79,12 @@ class StepLLMConfig:
         if unknown:
             warnings.warn(f"Step-LLM config: ignoring unknown keys {unknown}", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def swiglu_width(ffn_hidden_size: int) -> int:
+    """The SwiGLU width for config.json's ``ffn_hidden_size``: rounded up to a multiple of 256
+    (16896 stays 16896).  A function so the loader can apply it to an unvalidated config value."""
+    return 256 * math.ceil(ffn_hidden_size / 256)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
