@@ -35,7 +35,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..stepvideo_core.checkpoint import CheckpointError
-from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, infer_config, read_config
+from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, resolve_config
 from ..stepvideo_core.pipeline import DTYPE_NAMES
 from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, CLIP_TOKENS, DEFAULT_CONFIG, GiB, LLM_TOKENS,
                                               auto_plan, human_bytes, latent_tokens, weight_bytes)
@@ -143,7 +143,7 @@ def model_info(name: Optional[str]) -> dict:
         key = (str(path), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint_files(path)))
         if key not in _MODEL_CACHE:
             index, config_path = find_transformer_files(path)
-            config = read_config(config_path, index) if config_path else infer_config(index)
+            config = resolve_config(index, config_path)
             _MODEL_CACHE.clear()  # keep one entry per process: the combo rarely changes
             _MODEL_CACHE[key] = {"config": config.to_dict(), "stored_format": detect_weight_format(index)}
         return dict(released, found=True, **_MODEL_CACHE[key])

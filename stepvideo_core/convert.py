@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from . import fp8
 from .checkpoint import CheckpointError, check_keys, read_header
-from .dit.loader import FP8_PREFIX, find_transformer_files, infer_config, read_config
+from .dit.loader import FP8_PREFIX, find_transformer_files, resolve_config
 from .dit.model import build_transformer
 
 ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16",
@@ -79,7 +79,7 @@ def plan_conversion(src, dtype: torch.dtype = torch.bfloat16):
     index, config_path = find_transformer_files(src)
     if fp8.is_scaled_fp8_file({k: e.dtype for k, e in index.items()}):
         raise CheckpointError(f"{index.source} is already an fp8 checkpoint; nothing to convert")
-    config = read_config(config_path, index) if config_path else infer_config(index)
+    config = resolve_config(index, config_path)
     model = build_transformer(config, device="meta", operations=fp8.scaled_fp8)
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, index,
                f"a Step-Video DiT with {config.num_layers} blocks")

@@ -163,6 +163,9 @@ def _bind_group(group: KeyGroup, adapter: AdapterFile, table: TargetTable, model
             down, up = tensors[keys["down"]], tensors[keys["up"]]
             shape = target_shape(model, target)
             rank = down.shape[0]
+            if rank == 0:
+                mismatches.append(f"{keys['down']}: rank 0 (an empty LoRA pair)")
+                return
             want_down = (rank,) + shape[1:]
             want_up = (shape[0], rank) + (1,) * (len(shape) - 2)
             if tuple(down.shape) != want_down:

@@ -137,7 +137,7 @@ def test_same_tensors_as_the_node_graph(pipe, release, pack, models_dir):
 
 
 def test_loras_are_applied_per_run_and_the_base_comes_back(release, tmp_path):
-    """--lora / loras=: the same attach-for-the-run as the sampler node, validated at DiT load."""
+    """--lora / loras=: the same attach-for-the-run as the sampler node, validated before any model loads."""
     from stepvideo_core.tiny import write_tiny_lora
 
     lora, _ = write_tiny_lora(tmp_path / "style.safetensors", config=TINY_RELEASE_DIT_CONFIG, keys="comfy",

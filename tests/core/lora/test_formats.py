@@ -174,3 +174,11 @@ def test_half_pairs_are_reported_not_applied(model, tmp_path):
     adapter = load_lora(tmp_path / "h.safetensors", model)
     assert dict(adapter.unmatched)["proj_out.lora_A.weight"].startswith("only the down")
     assert "proj_out" not in {p.target.module for p in adapter.patches}
+
+
+def test_an_empty_rank_0_pair_is_refused_not_divided_by(model, tmp_path):
+    empty = {"proj_out.lora_down.weight": torch.zeros(0, 256), "proj_out.lora_up.weight": torch.zeros(64, 0),
+             "proj_out.alpha": torch.tensor(4.0)}
+    save_file(empty, str(tmp_path / "rank0.safetensors"))
+    with pytest.raises(LoraError, match="proj_out.lora_down.weight: rank 0"):
+        load_lora(tmp_path / "rank0.safetensors", model)
