@@ -3,40 +3,15 @@ running the stack (output changes, base weights bit-identical afterwards)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from stepvideo_core.tiny import write_tiny_lora
 from tests.core.lora.conftest import same, snapshot
-from tests.core.sampling.conftest import conditioning, tiny_model
+from tests.core.sampling.conftest import conditioning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def lora_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.lora"]
-
-
-@pytest.fixture
-def sampler_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.sampler"]
-
-
-@pytest.fixture(scope="module")
-def dit(one_thread):
-    return tiny_model(torch.float32)
-
-
-@pytest.fixture
-def base(pack, dit):
-    types_mod = sys.modules[f"{pack.__name__}.nodes.types"]
-    return types_mod.StepVideoModelHandle(transformer=dit, dtype=torch.float32, device=torch.device("cpu"),
-                                          offload_device=torch.device("cpu"), attention="sdpa", source=Path("tiny"))
 
 
 @pytest.fixture

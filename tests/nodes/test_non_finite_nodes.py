@@ -4,41 +4,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from stepvideo_core.tiny import tiny_lora, write_tiny_lora
-from tests.core.sampling.conftest import conditioning, tiny_model
+from tests.core.sampling.conftest import conditioning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAN = float("nan")
 ARGS = dict(preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17, steps=2, cfg=0.0, shift=0.0, seed=3)
-
-
-@pytest.fixture(scope="module")
-def dit(one_thread):
-    return tiny_model(torch.float32)
-
-
-@pytest.fixture
-def base(pack, dit):
-    types_mod = sys.modules[f"{pack.__name__}.nodes.types"]
-    return types_mod.StepVideoModelHandle(transformer=dit, dtype=torch.float32, device=torch.device("cpu"),
-                                          offload_device=torch.device("cpu"), attention="sdpa", source=Path("tiny"))
-
-
-@pytest.fixture
-def sampler_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.sampler"]
-
-
-@pytest.fixture
-def lora_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.lora"]
 
 
 def run_sampler(sampler_mod, model, **kw):

@@ -5,21 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 
 from stepvideo_core.offload.planner import GiB
-from tests.core.sampling.conftest import conditioning, tiny_model
-from tests.nodes.test_sampler_node import handle, run
-
-
-@pytest.fixture
-def node_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.sampler"]
-
-
-@pytest.fixture
-def types_mod(pack):
-    return sys.modules[f"{pack.__name__}.nodes.types"]
+from tests.core.sampling.conftest import conditioning
+from tests.nodes.test_sampler_node import run
 
 
 @pytest.fixture
@@ -29,19 +18,18 @@ def ram(pack, monkeypatch):
     return lambda nbytes: monkeypatch.setattr(pipeline, "available_host_bytes", lambda: nbytes)
 
 
-def test_impossible_cpu_run_is_refused_before_sampling(node_mod, types_mod, ram, monkeypatch):
+def test_impossible_cpu_run_is_refused_before_sampling(sampler_mod, base, ram, monkeypatch):
     ram(21 * GiB)
-    monkeypatch.setattr(node_mod, "sample", lambda *a, **k: pytest.fail("nothing may be allocated"))
-    model = handle(types_mod, tiny_model(torch.float32))
+    monkeypatch.setattr(sampler_mod, "sample", lambda *a, **k: pytest.fail("nothing may be allocated"))
     with pytest.raises(ValueError) as err:
-        run(node_mod, model, conditioning(1), conditioning(2), width=4096, height=4096, frames=1020)
+        run(sampler_mod, base, conditioning(1), conditioning(2), width=4096, height=4096, frames=1020)
     message = str(err.value)
     assert "refused before allocating" in message and "21.0 GiB available" in message
     assert "106.9 GiB beyond the weights" in message and "4096x4096 with at most 187 frames" in message
 
 
-def test_a_run_that_fits_runs_and_says_so(node_mod, types_mod, ram):
+def test_a_run_that_fits_runs_and_says_so(sampler_mod, base, ram):
     ram(21 * GiB)
-    latent, text = run(node_mod, handle(types_mod, tiny_model(torch.float32)), conditioning(1), conditioning(2))
+    latent, text = run(sampler_mod, base, conditioning(1), conditioning(2))
     assert latent["samples"].shape == (1, 64, 3, 3, 2)
     assert "all 2 blocks in RAM" in text and "21.0 GiB available" in text

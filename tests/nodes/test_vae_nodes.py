@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
@@ -83,52 +84,39 @@ def test_encode_refuses_wrong_frame_counts(vae_mod, handle):
         vae_mod.StepVideoVAEEncode().encode(vae=handle, images=torch.zeros(20, 16, 16, 3), mode="mean", seed=0)
 
 
-def test_progress_per_chunk(vae_mod, handle, bridge, monkeypatch):
-    updates = []
+@pytest.fixture
+def progress(bridge, monkeypatch):
+    """Records the bridge's progress bars: ``updates`` gets ("new", total) and (value, total);
+    ``on_update(value)`` (settable) runs after each update."""
+    record = types.SimpleNamespace(updates=[], on_update=lambda value: None)
 
     class Bar:
         def __init__(self, total):
-            updates.append(("new", total))
+            record.updates.append(("new", total))
 
         def update_absolute(self, value, total=None, preview=None):
-            updates.append((value, total))
+            record.updates.append((value, total))
+            record.on_update(value)
 
     monkeypatch.setattr(bridge, "progress_bar", Bar)
+    return record
+
+
+def test_progress_per_chunk(vae_mod, handle, progress):
     samples = {"samples": torch.zeros(1, 8, 9, 1, 1)}
     vae_mod.StepVideoVAEDecode().decode(vae=handle, samples=samples)
-    assert updates == [("new", 3), (1, 3), (2, 3), (3, 3)]
+    assert progress.updates == [("new", 3), (1, 3), (2, 3), (3, 3)]
 
 
-def test_interrupt_between_chunks(vae_mod, handle, bridge, monkeypatch):
-    calls = []
-
-    class Bar:
-        def __init__(self, total):
-            pass
-
-        def update_absolute(self, value, total=None, preview=None):
-            calls.append(value)
-            if value == 1:
-                bridge.request_interrupt()  # the user presses cancel during the first chunk
-
-    monkeypatch.setattr(bridge, "progress_bar", Bar)
+def test_interrupt_between_chunks(vae_mod, handle, bridge, progress):
+    progress.on_update = lambda value: value == 1 and bridge.request_interrupt()  # cancel after the first chunk
     with pytest.raises(bridge.StepVideoInterrupted):
         vae_mod.StepVideoVAEDecode().decode(vae=handle, samples={"samples": torch.zeros(1, 8, 9, 1, 1)})
-    assert calls == [1] and not bridge.interrupt_requested()  # stopped after one chunk; flag consumed
+    assert progress.updates == [("new", 3), (1, 3)] and not bridge.interrupt_requested()  # flag consumed
 
 
-def test_interrupt_inside_a_chunk(vae_mod, handle, bridge, monkeypatch):
+def test_interrupt_inside_a_chunk(vae_mod, handle, bridge, progress):
     """Cancel pressed while the first chunk decodes: the node stops inside it (before its next stage)."""
-    calls = []
-
-    class Bar:
-        def __init__(self, total):
-            pass
-
-        def update_absolute(self, value, total=None, preview=None):
-            calls.append(value)
-
-    monkeypatch.setattr(bridge, "progress_bar", Bar)
     stages_after = []
     mid = handle.vae.decoder.mid
     press = mid.block_1.register_forward_hook(lambda *_: bridge.request_interrupt())
@@ -139,4 +127,4 @@ def test_interrupt_inside_a_chunk(vae_mod, handle, bridge, monkeypatch):
     finally:
         press.remove()
         later.remove()
-    assert calls == [] and stages_after == [] and not bridge.interrupt_requested()
+    assert progress.updates == [("new", 3)] and stages_after == [] and not bridge.interrupt_requested()
