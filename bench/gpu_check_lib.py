@@ -3,7 +3,7 @@
 Nothing here touches a device (and the formulas and checks need no torch), so every number the
 GPU check prints can be checked by hand and by the normal test suite (tests/bench/test_gpu_check.py):
 
-* FLOPs of one DiT block (:func:`block_flops`) and of one Step-LLM layer (:func:`llm_layer_flops`);
+* FLOPs of one DiT block (:func:`stepvideo_core.flops.block_flops`) and of one Step-LLM layer (:func:`llm_layer_flops`);
 * the sizes each mode runs at (:class:`Spec`, :func:`make_spec`);
 * the up-front time estimate (:func:`estimate`) at :data:`ASSUMED_TFLOPS` and :data:`ASSUMED_H2D`;
 * the row checks (:func:`error_check`, :func:`planner_check`, :func:`rss_check`, ...) and the
@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stepvideo_core.offload.planner import (ATTENTION_EXTRA_UNITS, ATTENTION_LIVE_UNITS, CLIP_TOKENS,  # noqa: E402
+from stepvideo_core.offload.planner import (ATTENTION_EXTRA_UNITS, ATTENTION_LIVE_UNITS,  # noqa: E402
                                             CONTEXT_COPIES, DEFAULT_CONFIG, FP8_MATMUL_EXTRA_UNITS, LLM_TOKENS,
                                             PEAK_UNITS, latent_tokens)
+from stepvideo_core.flops import TEXT_TOKENS, block_flops  # noqa: E402,F401  (one formula: the core's)
 
 GiB = 1 << 30
 MiB = 1 << 20
-TEXT_TOKENS = CLIP_TOKENS + LLM_TOKENS          # 397 context tokens of the cross-attention
 RELEASE_LAYERS = DEFAULT_CONFIG["num_layers"]   # 48
 
 # --------------------------------------------------------------------------- budget assumptions
@@ -73,28 +73,6 @@ SECTION_TITLES = {
 
 
 # --------------------------------------------------------------------------- FLOPs
-
-
-def block_flops(tokens: int, dim: int, batch: int = 1, text_tokens: int = TEXT_TOKENS) -> dict:
-    """FLOPs (2 per multiply-add) of one DiT block forward, itemised.
-
-    Per sample with N video tokens, S text tokens and width d:
-
-    * ``linear``: 2 * 14 * N * d^2 -- q|k|v 3, out 1, cross q 1, cross out 1, FFN 4 + 4, all d x d units;
-    * ``text_kv``: 2 * 2 * S * d^2 -- the cross-attention k|v projection of the context;
-    * ``self_attention``: 4 * N^2 * d -- QK^T and PV, 2 * N^2 * d multiply-adds over all heads;
-    * ``cross_attention``: 4 * N * S * d.
-
-    The same count as ``nodes/routes.py`` ``step_flops`` (per block, per sample) and as torch's
-    FlopCounterMode on the real block code (both checked in tests/bench/test_gpu_check.py).
-    Elementwise work (norms, RoPE, GELU, softmax) is not counted.
-    """
-    d2 = dim * dim
-    items = {"linear": 2 * 14 * tokens * d2, "text_kv": 2 * 2 * text_tokens * d2,
-             "self_attention": 4 * tokens * tokens * dim, "cross_attention": 4 * tokens * text_tokens * dim}
-    items = {k: v * batch for k, v in items.items()}
-    items["total"] = sum(items.values())
-    return items
 
 
 def llm_layer_flops(tokens: int, batch: int, hidden: int, heads: int, groups: int, ffn_inner: int) -> int:

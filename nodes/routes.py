@@ -35,10 +35,11 @@ from typing import Mapping, Optional
 import torch
 
 from ..stepvideo_core.checkpoint import CheckpointError
+from ..stepvideo_core.flops import step_flops
 from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, resolve_config
 from ..stepvideo_core.pipeline import DTYPE_NAMES
-from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, CLIP_TOKENS, DEFAULT_CONFIG, GiB, LLM_TOKENS,
-                                              auto_plan, human_bytes, latent_tokens, weight_bytes)
+from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, DEFAULT_CONFIG, GiB, auto_plan, human_bytes,
+                                              weight_bytes)
 from ..stepvideo_core.sampling import DEFAULT_PRESET, PRESETS, SizeError, check_video_size, resolve_settings
 from . import comfy_bridge as bridge
 from .model import BLOCK_CHOICES, DIT_FOLDER, WEIGHT_CHOICES, checkpoint_files, resolve_weight_choice
@@ -152,23 +153,6 @@ def model_info(name: Optional[str]) -> dict:
 
 
 # --------------------------------------------------------------------------- time
-
-
-def step_flops(width: int, height: int, frames: int, guided: bool, config: Optional[dict] = None) -> int:
-    """Multiply-add FLOPs (2 per MAC) of the transformer blocks for one sampling step.
-
-    Per block and sample, with L video tokens, S = 397 text tokens and width D: the
-    Linear layers on video tokens (14 D^2 MACs per token: q/k/v 3, out 1, cross q 1, cross
-    out 1, FFN 8), cross-attention k/v on the text (2 D^2 per text token), self-attention
-    (QK^T and AV: 2 L^2 D MACs) and cross-attention (2 L S D). Two model calls per step
-    with guidance. What is outside the blocks (under 1 % at real sizes) is left out.
-    """
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    tokens = latent_tokens(width, height, frames, cfg["patch_size"])
-    text = CLIP_TOKENS + LLM_TOKENS
-    macs = 14 * tokens * d * d + 2 * text * d * d + 2 * tokens * tokens * d + 2 * tokens * text * d
-    return int(2 * macs * cfg["num_layers"] * (2 if guided else 1))
 
 
 def gpu_tflops(device_name: Optional[str]) -> Optional[float]:
