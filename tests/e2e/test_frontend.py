@@ -5,7 +5,8 @@ sizes snap, and queueing such a run warns. Screenshots go to the test's tmp fold
 to tests/e2e/artifacts/ (git-ignored).
 
 Needs COMFYUI_DIR (see conftest.py), Node.js, Chromium (CHROMIUM, default /usr/bin/chromium)
-and playwright-core (PLAYWRIGHT_CORE_DIR, default ~/comfy/node); skipped otherwise.
+and playwright-core (PLAYWRIGHT_CORE_DIR, default .ci/node of this checkout, where .ci/run runs
+``npm ci``); skipped otherwise, failed instead under CI=true.
 """
 
 from __future__ import annotations
@@ -18,28 +19,39 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.comfy_server import COMFYUI_DIR, NO_COMFYUI, REPO_ROOT
-
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason=NO_COMFYUI)
+from tests.conftest import skip_or_fail
+from tests.e2e.comfy_server import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE / "artifacts"
 UI_WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 MAIN_WORKFLOW = REPO_ROOT / "workflows" / "stepvideo_t2v.json"
+# Where .ci/run installs playwright-core (`npm ci` of .ci/node/package-lock.json); ui_check.cjs has the same default.
+DEFAULT_PLAYWRIGHT_DIR = REPO_ROOT / ".ci" / "node"
+
+
+def has_playwright_core(folder: Path) -> bool:
+    """``folder`` holds node_modules/playwright-core, or is that package itself (what ui_check.cjs loads)."""
+    if (folder / "node_modules" / "playwright-core" / "package.json").is_file():
+        return True
+    try:
+        return json.loads((folder / "package.json").read_text(encoding="utf-8")).get("name") == "playwright-core"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def browser_tools() -> dict:
-    """node, Chromium and playwright-core, or a skip naming the missing one."""
+    """node, Chromium and playwright-core, or a skip (a failure under CI) naming the missing one."""
     node = shutil.which("node")
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-    playwright = Path(os.environ.get("PLAYWRIGHT_CORE_DIR", Path.home() / "comfy" / "node")).expanduser()
+    playwright = Path(os.environ.get("PLAYWRIGHT_CORE_DIR") or DEFAULT_PLAYWRIGHT_DIR).expanduser()
     if node is None:
-        pytest.skip("node (Node.js) not found on PATH")
+        skip_or_fail("node (Node.js) not found on PATH")
     if not Path(chromium).is_file():
-        pytest.skip(f"Chromium not found at {chromium} (set CHROMIUM)")
-    if not ((playwright / "node_modules" / "playwright-core").is_dir() or (playwright / "package.json").is_file()):
-        pytest.skip(f"playwright-core not found in {playwright} (npm install playwright-core there, "
-                    f"or set PLAYWRIGHT_CORE_DIR)")
+        skip_or_fail(f"Chromium not found at {chromium} (apt-get install chromium, or set CHROMIUM)")
+    if not has_playwright_core(playwright):
+        skip_or_fail(f"playwright-core not found in {playwright} (npm ci --prefix .ci/node, or npm install "
+                     f"playwright-core in a folder named by PLAYWRIGHT_CORE_DIR)")
     return {"node": node, "env": dict(os.environ, CHROMIUM=chromium, PLAYWRIGHT_CORE_DIR=str(playwright))}
 
 

@@ -5,14 +5,14 @@
 //
 // The first workflow is the one inspected closely (plan text, snapping, "will not fit",
 // queue warning, screenshots); every workflow is loaded and checked for missing node types.
-// Environment: PLAYWRIGHT_CORE_DIR (folder where playwright-core was npm-installed; default
-// ~/comfy/node), CHROMIUM (default /usr/bin/chromium).
+// Environment: PLAYWRIGHT_CORE_DIR (folder where playwright-core was npm-installed, or the package
+// itself; default .ci/node of this checkout, where .ci/run runs `npm ci`), CHROMIUM (default
+// /usr/bin/chromium).
 const fs = require("fs");
-const os = require("os");
 const path = require("path");
 
 function loadPlaywright() {
-  const dir = process.env.PLAYWRIGHT_CORE_DIR || path.join(os.homedir(), "comfy", "node");
+  const dir = process.env.PLAYWRIGHT_CORE_DIR || path.join(__dirname, "..", "..", ".ci", "node");
   const nested = path.join(dir, "node_modules", "playwright-core");
   return require(fs.existsSync(nested) ? nested : dir);
 }
