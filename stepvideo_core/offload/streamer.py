@@ -20,6 +20,11 @@ Transports (``mode``):
 ``"none"``  compute device == home device: the schedule runs, nothing is copied.
 ``"auto"``  "cuda" on CUDA devices, "none" when the weights already live on the
             compute device, "copy" otherwise.
+
+Every CUDA call of the "cuda" transport goes through one :class:`TorchCuda` object
+(streams, events, the current stream, the non-blocking copy, pinning); the streamer
+takes another one as ``cuda_api`` so tests can record the order of those calls on a
+machine without a GPU (tests/core/offload/test_streamer_cuda_order.py).
 """
 
 from __future__ import annotations
@@ -78,6 +83,44 @@ def pin_in_place(module: nn.Module, pin: Optional[Callable] = None, is_pinned: O
     return count
 
 
+class TorchCuda:
+    """The torch.cuda calls the "cuda" transport makes, one method each (the default ``cuda_api``).
+
+    The streams and events returned are torch.cuda objects; the streamer calls their
+    ``record`` / ``wait_event`` / ``synchronize`` methods directly.  A stand-in must
+    provide the same methods and objects with those methods.
+    """
+
+    def current_device(self) -> int:
+        return torch.cuda.current_device()
+
+    def new_stream(self, device: torch.device):
+        return torch.cuda.Stream(device=device)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def current_stream(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def stream(self, stream):
+        """Context manager making ``stream`` the current stream (``torch.cuda.stream``)."""
+        return torch.cuda.stream(stream)
+
+    def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Enqueue ``dst <- src`` on the current stream without blocking the host."""
+        dst.copy_(src, non_blocking=True)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory()
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        return tensor.is_pinned()
+
+
+TORCH_CUDA = TorchCuda()
+
+
 def resolve_mode(mode: str, device: torch.device, home: torch.device) -> str:
     """The transport actually used for ``mode`` (see module docstring)."""
     if mode not in ("auto", "cuda", "copy", "none"):
@@ -95,15 +138,17 @@ class BlockStreamer:
     ``blocks_on_device`` None keeps every block on the device.  ``should_stop`` is
     polled before every block; True raises :class:`SamplingInterrupted`.
     ``trace`` records the executed actions (for tests and diagnostics).
+    ``cuda_api`` replaces the torch.cuda calls of the "cuda" transport (:class:`TorchCuda`, for tests).
     """
 
     def __init__(self, model: nn.Module, device: Union[str, torch.device],
                  blocks_on_device: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
-                 mode: str = "auto"):
+                 mode: str = "auto", cuda_api: Optional[TorchCuda] = None):
         self.model = model
+        self.cuda = cuda_api or TORCH_CUDA
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = torch.device("cuda", self.cuda.current_device())
         self.blocks = list(model.transformer_blocks)
         self.blocks_on_device = blocks_on_device
         self.resident, self.streamed = split_blocks(len(self.blocks), blocks_on_device)
@@ -161,7 +206,7 @@ class BlockStreamer:
                                  f"streamed blocks must share one layout")
             if self.mode == "cuda":
                 try:
-                    pin_in_place(self.blocks[b])
+                    pin_in_place(self.blocks[b], self.cuda.pin, self.cuda.is_pinned)
                 except RuntimeError as exc:  # pinned memory exhausted: copies stay correct, just slower
                     log.warning("StepVideo: could not pin block %d weights (%s); streaming from pageable memory",
                                 b, exc)
@@ -171,11 +216,11 @@ class BlockStreamer:
         self._slots = [[torch.empty(shape, dtype=dtype, device=self.device) for _, _, shape, dtype in layout]
                        for _ in range(slots)]
         if self.mode == "cuda":
-            self._copy_stream = torch.cuda.Stream(device=self.device)
-            self._ready = [torch.cuda.Event() for _ in range(slots)]
-            self._done = [torch.cuda.Event() for _ in range(slots)]
+            self._copy_stream = self.cuda.new_stream(self.device)
+            self._ready = [self.cuda.new_event() for _ in range(slots)]
+            self._done = [self.cuda.new_event() for _ in range(slots)]
             for event in self._done:  # slots start free
-                event.record(torch.cuda.current_stream(self.device))
+                event.record(self.cuda.current_stream(self.device))
 
     def _restore(self) -> None:
         """Every tensor back at its home, hooks removed, device slots dropped (safe to call twice)."""
@@ -184,7 +229,7 @@ class BlockStreamer:
         self._hooks = []
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # no copy may still write into a slot being freed
-            torch.cuda.current_stream(self.device).synchronize()
+            self.cuda.current_stream(self.device).synchronize()
         for b in self.streamed:
             self._swap_out(b)
         for owner, name, is_param, home in reversed(self._homes):
@@ -229,7 +274,7 @@ class BlockStreamer:
         def hook(module, args, output):
             slot = self._computing.pop(index, None)
             if slot is not None and self.mode == "cuda":
-                self._done[slot].record(torch.cuda.current_stream(self.device))
+                self._done[slot].record(self.cuda.current_stream(self.device))
             self._swap_out(index)
             return None
         return hook
@@ -241,10 +286,10 @@ class BlockStreamer:
         sources = [_get(o, n, p) for o, n, p in _tensor_slots(self.blocks[block])]
         targets = self._slots[slot]
         if self.mode == "cuda":
-            with torch.cuda.stream(self._copy_stream):
+            with self.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(self._done[slot])
                 for dst, src in zip(targets, sources):
-                    dst.copy_(src, non_blocking=True)
+                    self.cuda.copy_(dst, src)
                 self._ready[slot].record(self._copy_stream)
         else:
             for dst, src in zip(targets, sources):
@@ -256,7 +301,7 @@ class BlockStreamer:
         if self.mode == "none":
             return
         if self.mode == "cuda":
-            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+            self.cuda.current_stream(self.device).wait_event(self._ready[slot])
         entries = _tensor_slots(self.blocks[block])
         self._swapped[block] = [_get(o, n, p) for o, n, p in entries]
         for (owner, name, is_param), tensor in zip(entries, self._slots[slot]):

@@ -4,11 +4,19 @@ Error bounds (relative Frobenius error against the fp32 model with the same weig
 tiny DiT of tests/factory, measured ~0.013-0.024; bounds leave about 2x room):
 per block and final output <= 0.05 with the fp8 matmul (weights and activations
 in e4m3), <= 0.04 with the dequantise path (weights only).
+
+Tests of the fp8 matmul path itself need a torch whose CPU ``torch._scaled_mm`` takes
+row-wise scales (2.13 does, 2.9.1 does not): they carry the ``needs_cpu_fp8_matmul``
+marker of tests/conftest.py and skip elsewhere; what users of such a torch get (the
+dequantise fallback) is tested under every torch in tests/core/test_fp8_fallback.py.
 """
 
 
+import struct
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from stepvideo_core import fp8, load_transformer
@@ -18,6 +26,9 @@ from stepvideo_core.tiny import tiny_dit_state_dict
 from tests.factory import TINY_DIT_CONFIG, write_tiny_dit
 
 E4M3_REL = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: rounding error <= half an ulp = 2^-4 relative
+NEEDS_MATMUL = pytest.mark.needs_cpu_fp8_matmul  # tests/conftest.py: skips where this torch lacks it
+MODES = [pytest.param("matmul", 0.05, marks=NEEDS_MATMUL), ("dequantize", 0.04)]
+KNOWN_CPU_FP8_MATMUL = {(2, 9): False, (2, 13): True}  # the torches CI runs (ComfyUI users' and the newest)
 
 
 def rel(a, b):
@@ -52,6 +63,105 @@ def test_scale_shapes_from_files():
         fp8.normalize_scale(torch.ones(3), 4)
 
 
+# --------------------------------------------------------------------------- dequantise arithmetic, exactly
+
+
+def e4m3_value(bits: int) -> float:
+    """The value of float8_e4m3fn bit pattern ``bits``, decoded by hand (S.EEEE.MMM, bias 7, no inf)."""
+    sign = -1.0 if bits & 0x80 else 1.0
+    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
+    assert not (exponent == 0xF and mantissa == 0x7), "NaN"
+    if exponent == 0:
+        return sign * mantissa / 8 * 2.0 ** -6
+    return sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+
+
+def bf16_round(value: float) -> float:
+    """``value`` (exactly representable in fp32) rounded to bf16, to nearest even, by hand."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def hand_made_fp8(out_features=6, in_features=5, seed=0):
+    """(fp8 weight built from random bit patterns, the same values decoded by hand as python floats)."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 256, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    bits[(bits & 0x7F) == 0x7F] = 0x38  # no NaNs: 1.0 instead
+    bits[0, :4] = torch.tensor([0x7E, 0xFE, 0x01, 0x80], dtype=torch.uint8)  # 448, -448, 2^-9, -0
+    return bits.view(torch.float8_e4m3fn), [[e4m3_value(int(b)) for b in row] for row in bits.tolist()]
+
+
+def bit_patterns(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[t.dtype])
+
+
+SCALE_SHAPES = [(), (1,), (6,), (6, 1)]  # per tensor (ComfyUI's two spellings), per channel (ours, [out, 1])
+
+
+def file_scale(shape, seed=1):
+    """A scale_weight tensor of ``shape`` with arbitrary (not power-of-two) positive fp32 values."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=gen) * 0.02 + 1e-3).float()
+
+
+def expected_weight(values, scales, dtype):
+    """fp8 value x scale per element, in python floats (exact: 4 x 24 significant bits fit a double),
+    rounded once to ``dtype``; for bf16 the scale is rounded to bf16 first, as the layer does."""
+    rows = []
+    for row, s in zip(values, scales):
+        if dtype == torch.bfloat16:
+            rows.append([bf16_round(v * bf16_round(s)) for v in row])
+        else:
+            rows.append([v * s for v in row])
+    return torch.tensor(rows, dtype=torch.float32).to(dtype)  # fp32 rounding of the exact product; bf16: exact
+
+
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=str)
+def test_normalize_scale_keeps_every_value_bit_for_bit(shape):
+    scale = file_scale(shape)
+    got = fp8.normalize_scale(scale, 6)
+    flat = scale.reshape(-1).tolist()
+    want = torch.tensor(flat * 6 if len(flat) == 1 else flat, dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    assert torch.equal(bit_patterns(got), bit_patterns(want))
+    half = scale.to(torch.bfloat16)  # a file may store its scales in bf16: widened exactly
+    assert torch.equal(fp8.normalize_scale(half, 6), torch.tensor([float(v) for v in half.reshape(-1)] *
+                                                                  (6 if half.numel() == 1 else 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=str)
+def test_dequantize_weight_is_fp8_value_times_scale_exactly(shape, dtype):
+    w8, values = hand_made_fp8()
+    scale = fp8.normalize_scale(file_scale(shape), 6)
+    got = fp8.dequantize_weight(w8, scale, dtype)
+    want = expected_weight(values, scale.tolist(), dtype)
+    assert got.dtype == dtype and torch.equal(bit_patterns(got), bit_patterns(want))  # -0 stays -0 too
+
+
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=str)
+def test_dequantise_mode_layer_computes_with_exactly_that_weight(shape):
+    """A pre-quantised layer (weight and scale_weight as a file holds them), dequantise mode, fp32."""
+    w8, values = hand_made_fp8()
+    scale_file = file_scale(shape)
+    layer = fp8.ScaledFp8Linear(5, 6, bias=True, device="meta")
+    assert layer.take_tensor("scale_weight", scale_file, torch.device("cpu"), None)
+    assert layer.take_tensor("weight", w8, torch.device("cpu"), None)
+    bias = torch.linspace(-0.3, 0.7, 6)
+    layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    layer.matmul_mode = "dequantize"
+    scales = scale_file.reshape(-1).tolist() * (6 if scale_file.numel() == 1 else 1)
+    weight = expected_weight(values, scales, torch.float32)
+    with torch.no_grad():
+        # x = identity: each output is one weight (x 1, plus zeros), so no matmul rounding at all
+        assert torch.equal(layer(torch.eye(5)), weight.t() + bias)
+        x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(layer(x), F.linear(x, weight) + bias)
+    layer.dequantize_(torch.float32)
+    assert not layer.is_fp8 and torch.equal(bit_patterns(layer.weight.data), bit_patterns(weight))
+
+
 def make_layer(out_features=48, in_features=64, bias=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ref = torch.nn.Linear(in_features, out_features, bias=bias)
@@ -66,11 +176,27 @@ def make_layer(out_features=48, in_features=64, bias=True, seed=0):
     return ref, layer
 
 
-def test_cpu_supports_the_fp8_matmul():
-    assert fp8.fp8_matmul_supported(torch.device("cpu"))
+def test_the_probe_says_what_this_torch_can_do(monkeypatch):
+    """The probe answers what a direct row-wise ``_scaled_mm`` call (other shapes, checked values) does."""
+    gen = torch.Generator().manual_seed(2)
+    a8, sa = fp8.quantize_rows(torch.randn(32, 16, generator=gen))
+    b8, sb = fp8.quantize_rows(torch.randn(48, 16, generator=gen))
+    try:
+        got = torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.float32)
+    except RuntimeError:
+        works = False
+    else:
+        works = True
+        want = (a8.float() * sa) @ (b8.float() * sb).t()  # the same fp8 values, multiplied in fp32
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fp8, "_FP8_MATMUL_PROBED", {})
+    assert fp8.fp8_matmul_supported(torch.device("cpu")) is works
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version in KNOWN_CPU_FP8_MATMUL:
+        assert works is KNOWN_CPU_FP8_MATMUL[version], torch.__version__
 
 
-@pytest.mark.parametrize("mode, bound", [("matmul", 0.05), ("dequantize", 0.04)])
+@pytest.mark.parametrize("mode, bound", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_paths_stay_close_to_the_full_precision_layer(mode, bound, dtype):
     ref, layer = make_layer()
@@ -83,6 +209,7 @@ def test_linear_paths_stay_close_to_the_full_precision_layer(mode, bound, dtype)
     assert rel(got, want) <= bound
 
 
+@NEEDS_MATMUL
 def test_matmul_path_is_the_scaled_mm_of_dynamically_quantised_rows():
     _, layer = make_layer(bias=False)
     layer.matmul_mode = "matmul"
@@ -93,6 +220,7 @@ def test_matmul_path_is_the_scaled_mm_of_dynamically_quantised_rows():
     assert torch.equal(layer(x), expected)
 
 
+@NEEDS_MATMUL
 def test_activation_scales_are_per_row_never_unit():
     """Rows of very different magnitude keep their own precision (a unit scale would flush small rows)."""
     ref, layer = make_layer(bias=False)
@@ -140,7 +268,7 @@ def block_outputs(model, inputs):
     return outs, final
 
 
-@pytest.mark.parametrize("mode, bound", [("matmul", 0.05), ("dequantize", 0.04)])
+@pytest.mark.parametrize("mode, bound", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_dit_error_per_block_and_output(tiny_src, mode, bound, dtype):
     reference = load_transformer(tiny_src, dtype=torch.float32)

@@ -46,10 +46,30 @@ def test_finite_float_names_the_input_and_its_value():
         finite_float("nan")
 
 
+def fp8_from_bits(bits, dtype):
+    """An fp8 tensor holding exactly these bit patterns (no float conversion, which differs between torch
+    releases: inf -> float8_e4m3fn is NaN in torch 2.9.1 and finite in 2.13)."""
+    return torch.tensor(bits, dtype=torch.uint8).view(dtype)
+
+
 def test_count_non_finite_covers_every_float_dtype():
     values = torch.tensor([1.0, NAN, INF, -2.0])
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn):
-        assert count_non_finite(values.to(dtype)) == (2 if dtype != torch.float8_e4m3fn else 1), dtype  # e4m3: no inf
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert count_non_finite(values.to(dtype)) == 2, dtype
+    cases = (  # dtype, bit patterns, the finite values among them, how many are NaN/Inf
+        # e4m3fn has no inf; NaN is S.1111.111.  1, NaN, -2, -NaN, 448 (largest), 0, -0, 2^-9 (smallest subnormal)
+        (torch.float8_e4m3fn, [0x38, 0x7F, 0xC0, 0xFF, 0x7E, 0x00, 0x80, 0x01],
+         [1.0, -2.0, 448.0, 0.0, -0.0, 2.0 ** -9], 2),
+        # e5m2: 1, inf, -inf, NaN, -NaN, 57344 (largest), -2, 2^-16 (smallest subnormal)
+        (torch.float8_e5m2, [0x3C, 0x7C, 0xFC, 0x7E, 0xFF, 0x7B, 0xC0, 0x01],
+         [1.0, 57344.0, -2.0, 2.0 ** -16], 4),
+    )
+    for dtype, bits, finite, count in cases:
+        decoded = fp8_from_bits(bits, dtype).float()  # the fixture is what its comment says
+        assert decoded[torch.isfinite(decoded)].tolist() == finite, dtype
+        assert count_non_finite(fp8_from_bits(bits, dtype)) == count, dtype
+        finite_bits = [b for b, ok in zip(bits, torch.isfinite(decoded).tolist()) if ok]
+        assert count_non_finite(fp8_from_bits(finite_bits, dtype)) == 0, dtype
     assert count_non_finite(torch.ones(3, dtype=torch.int64)) == 0
 
 

@@ -4,6 +4,7 @@ CUDA copy streams cannot run here; the "copy" transport runs the same schedule w
 real copies into separate slot tensors, so the slot logic itself is exercised.
 """
 
+import copy
 import weakref
 
 import pytest
@@ -13,6 +14,8 @@ from stepvideo_core import fp8
 from stepvideo_core.offload import BlockStreamer, SamplingInterrupted, simulate
 from stepvideo_core.offload.streamer import resolve_mode
 from stepvideo_core.sampling import sample
+from stepvideo_core.sampling.noise import initial_noise, latent_shape
+from stepvideo_core.sampling.schedule import euler_step, flow_match_sigmas, guidance
 from stepvideo_core.tiny import TINY_DIT_CONFIG
 from tests.core.sampling.conftest import conditioning, tiny_model
 
@@ -30,13 +33,32 @@ def cond():
     return conditioning(1, valid=5, config=FIVE), conditioning(2, valid=2, config=FIVE)
 
 
+def plain_sample(model, pos, neg, width, height, frames, steps, cfg, shift, seed):
+    """The sampler's loop (batched CFG, Euler) written out with plain forward calls: no BlockStreamer at all."""
+    sigmas = flow_match_sigmas(steps, shift)
+    latents = initial_noise(latent_shape(width, height, frames, 1, model.config.in_channels), seed)
+    both = {k: torch.cat([pos[k], neg[k]]) for k in ("encoder_hidden_states", "encoder_hidden_states_2",
+                                                     "encoder_attention_mask")}
+    with torch.no_grad():
+        for i in range(steps):
+            x = latents.to(model.compute_dtype)
+            v_cond, v_uncond = model(hidden_states=torch.cat([x, x]), timestep=sigmas[i].expand(2), **both).chunk(2)
+            latents = euler_step(latents, guidance(v_cond, v_uncond, cfg), sigmas, i)
+    return latents
+
+
 @pytest.fixture(scope="module")
 def resident(model, cond):
-    return sample(model, *cond, **SIZE)
+    """The reference every streamed run must equal: an unstreamed deep copy, sampled without the streamer."""
+    return plain_sample(copy.deepcopy(model), *cond, **SIZE)
 
 
 def homes(model):
     return {name: t.data_ptr() for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+def test_the_sampler_without_streaming_is_the_plain_loop(model, cond, resident):
+    assert torch.equal(sample(model, *cond, **SIZE), resident)
 
 
 @pytest.mark.parametrize("blocks_on_device", [0, 1, 3, 5])
@@ -47,13 +69,17 @@ def test_streamed_output_is_bit_identical(model, cond, resident, blocks_on_devic
     assert homes(model) == before  # every tensor points at its home copy again
 
 
+def model_inputs(cond):
+    return dict(timestep=torch.tensor([0.1, 0.1]), **{k: torch.cat([cond[0][k], cond[1][k]])
+                                                      for k in ("encoder_hidden_states", "encoder_hidden_states_2",
+                                                                "encoder_attention_mask")})
+
+
 def test_trace_follows_the_schedule(model, cond):
     x = torch.randn(2, 3, 64, 2, 2)
-    inputs = dict(timestep=torch.tensor([0.1, 0.1]), **{k: torch.cat([cond[0][k], cond[1][k]])
-                                                         for k in ("encoder_hidden_states", "encoder_hidden_states_2",
-                                                                   "encoder_attention_mask")})
+    inputs = model_inputs(cond)
     with torch.no_grad():
-        want = model(x, **inputs)
+        want = copy.deepcopy(model)(x, **inputs)
         with BlockStreamer(model, "cpu", 2, mode="copy") as streamer:
             calls = [model(x, **inputs) for _ in range(3)]
     assert all(torch.equal(c, want) for c in calls)
@@ -114,23 +140,60 @@ def test_repeated_runs_allocate_nothing_new(model, cond):
 
 
 def test_no_copy_transport_runs_the_schedule_in_place(model, cond, resident):
-    with torch.no_grad(), BlockStreamer(model, "cpu", 2) as streamer:
-        assert streamer.mode == "none" and streamer._slots == []
-    out = sample(model, *cond, **SIZE, blocks_on_device=0)  # auto -> "none" on the CPU
+    """"none": the schedule runs (trace), every block computes from its own home tensors, nothing is
+    allocated, and the outputs are those of an unstreamed deep copy / of the plain sampling loop."""
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 3, 64, 2, 2, generator=gen) for _ in range(3)]
+    inputs = model_inputs(cond)
+    with torch.no_grad():
+        plain = copy.deepcopy(model)
+        want = [plain(x, **inputs) for x in xs]
+    before = homes(model)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: seen.append((i, {n: t.data_ptr() for n, t in
+                                                                          m.state_dict(keep_vars=True).items()})))
+             for i, b in enumerate(model.transformer_blocks)]
+    try:
+        with torch.no_grad(), BlockStreamer(model, "cpu", 2) as streamer:  # auto -> "none" on the CPU
+            assert streamer.mode == "none" and streamer._slots == []
+            got = [model(x, **inputs) for x in xs]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert streamer.trace == [a for actions in simulate(5, 2, 3) for a in actions]
+    assert [i for i, _ in seen] == list(range(5)) * 3
+    assert all(ptrs == {n: before[f"transformer_blocks.{i}.{n}"] for n in ptrs} for i, ptrs in seen)
+    assert homes(model) == before
+    out = sample(model, *cond, **SIZE, blocks_on_device=0)  # auto -> "none": every block streamed in place
     assert torch.equal(out, resident)
 
 
-def test_fp8_blocks_stream_with_their_scales(tmp_path):
+@pytest.mark.parametrize("mode", [pytest.param("matmul", marks=pytest.mark.needs_cpu_fp8_matmul), "dequantize"])
+def test_fp8_blocks_stream_with_their_scales(tmp_path, mode):
+    """fp8 weights and their scale buffers go through the slots as they are (fp8 stays fp8), under either
+    fp8 path; the matmul one where this torch has it on the CPU, the dequantise one under every torch."""
     from stepvideo_core import load_transformer
     from tests.factory import write_tiny_dit
     src = write_tiny_dit(tmp_path / "sv", config=FIVE)
     q = load_transformer(src, dtype=torch.float32, weight_format="fp8_scaled")
-    fp8.set_matmul_mode(q, "matmul")
+    fp8.set_matmul_mode(q, mode)
     pos, neg = conditioning(1, config=FIVE), conditioning(2, config=FIVE)
     one_step = dict(SIZE, steps=1)
-    a = sample(q, pos, neg, **one_step)
-    b = sample(q, pos, neg, **one_step, blocks_on_device=0, streamer_mode="copy")
+    a = sample(copy.deepcopy(q), pos, neg, **one_step)
+    layer = q.get_submodule("transformer_blocks.3.ff.net.2")
+    home = {"weight": layer.weight.data_ptr(), "scale_weight": layer.scale_weight.data_ptr()}
+    seen = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(
+        (m.weight.dtype, m.weight.data_ptr(), m.scale_weight.data_ptr())))
+    try:
+        b = sample(q, pos, neg, **one_step, blocks_on_device=0, streamer_mode="copy")
+    finally:
+        hook.remove()
     assert torch.equal(a, b)
+    assert seen and all(dtype == torch.float8_e4m3fn and w != home["weight"] and s != home["scale_weight"]
+                        for dtype, w, s in seen)  # computed from slot copies of both
+    assert (layer.weight.data_ptr(), layer.scale_weight.data_ptr()) == (home["weight"], home["scale_weight"])
 
 
 def test_mode_resolution():
