@@ -3,13 +3,18 @@ running the stack (output changes, base weights bit-identical afterwards)."""
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from stepvideo_core.offload.planner import GiB
 from stepvideo_core.tiny import write_tiny_lora
 from tests.core.lora.conftest import same, snapshot
 from tests.core.sampling.conftest import conditioning
+from tests.nodes.test_sampler_wiring import CUDA, make_handle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,3 +100,75 @@ def test_sampler_applies_the_stack_and_leaves_the_base_untouched(lora_mod, sampl
     assert same(base.transformer, snap)
     assert not torch.allclose(merged["samples"], plain["samples"], atol=1e-3)
     torch.testing.assert_close(hooked["samples"], merged["samples"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def attachments(pack, monkeypatch):
+    """Record, for every sampler run with adapters, what the attachment did while the model ran.
+
+    Wraps the ``attached`` the sampler node imports (the pack's ``stepvideo_core.lora.apply``); each record
+    holds the mode and blocks_on_device it was called with, the entries' modes, and -- taken after entry,
+    before the lists are cleared on exit -- the ``merged`` and ``hooked`` layers, whether the model's weights
+    then differ from a snapshot taken just before entry, and the layers carrying a forward hook.
+    """
+    apply = sys.modules[f"{pack.__name__}.stepvideo_core.lora.apply"]
+    real = apply.attached
+    records = []
+
+    @contextmanager
+    def spy(model, adapters, mode=None, blocks_on_device=None, **kwargs):
+        before = snapshot(model)
+        with real(model, adapters, mode, blocks_on_device, **kwargs) as attachment:
+            records.append({"mode": mode, "blocks_on_device": blocks_on_device,
+                            "entry_modes": [e.mode for e in attachment.entries],
+                            "merged": sorted(attachment.merged), "hooked": sorted(attachment.hooked),
+                            "weights_changed": not same(model, before),
+                            "hooks": sorted(n for n, m in model.named_modules() if m._forward_hooks)})
+            yield attachment
+
+    monkeypatch.setattr(apply, "attached", spy)
+    return records
+
+
+def test_mode_widget_decides_merge_or_on_the_fly(lora_mod, sampler_mod, base, loras, attachments):
+    """merge adds the update to the weights for the run; on_the_fly leaves them alone and hooks the same
+    layers; both give the same video up to float rounding (auto on a CPU run, where every block is
+    resident, merges)."""
+    pos, neg = conditioning(1), conditioning(2)
+    args = dict(preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17, steps=2, cfg=0.0, shift=0.0, seed=3)
+    snap = snapshot(base.transformer)
+    outputs = {}
+    for mode in ("merge", "on_the_fly", "auto"):
+        handle, text = load(lora_mod, base, "style/split_kohya.safetensors", mode=mode)
+        assert handle.adapters[0].mode == mode and f"mode {mode}" in text
+        outputs[mode] = sampler_mod.StepVideoSampler().sample(model=handle, positive=pos, negative=neg,
+                                                              **args)["result"][0]["samples"]
+        assert attachments[-1]["entry_modes"] == [mode] and attachments[-1]["mode"] is None
+    merged, hooked, auto = attachments
+    layers = merged["merged"]
+    assert "transformer_blocks.0.attn1.wqkv" in layers and "transformer_blocks.1.ff.net.2" in layers
+    assert (merged["hooked"], merged["hooks"], merged["weights_changed"]) == ([], [], True)
+    assert (hooked["merged"], hooked["hooked"], hooked["hooks"], hooked["weights_changed"]) == \
+        ([], layers, layers, False)
+    assert (auto["merged"], auto["hooked"], auto["weights_changed"]) == (layers, [], True)
+    assert same(base.transformer, snap)
+    torch.testing.assert_close(outputs["on_the_fly"], outputs["merge"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(outputs["auto"], outputs["merge"])  # the same mechanism, the same arithmetic
+
+
+def test_auto_runs_the_streamed_blocks_on_the_fly(lora_mod, sampler_mod, types_mod, dit, loras, attachments,
+                                                  fake_gpu, sample_calls):
+    """On a (fake) GPU with one block kept resident, "auto" merges into block 0 and the layers outside the
+    blocks, and hooks block 1, which the streamer copies into a slot every call."""
+    fake_gpu(80 * GiB)
+    gpu = make_handle(types_mod, dit, device=CUDA, blocks_on_device="1")
+    handle, _ = load(lora_mod, gpu, "style/split_kohya.safetensors", mode="auto")
+    sampler_mod.StepVideoSampler().sample(model=handle, positive=conditioning(1), negative=conditioning(2),
+                                          preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17, steps=1,
+                                          cfg=0.0, shift=0.0, seed=3)
+    (record,) = attachments
+    assert record["blocks_on_device"] == 1 == sample_calls[-1]["blocks_on_device"]
+    assert sample_calls[-1]["streamer"].streamed == [1]
+    assert record["hooked"] and all(name.startswith("transformer_blocks.1.") for name in record["hooked"])
+    assert any(name.startswith("transformer_blocks.0.") for name in record["merged"])
+    assert not any(name.startswith("transformer_blocks.1.") for name in record["merged"])

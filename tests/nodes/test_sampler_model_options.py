@@ -56,13 +56,37 @@ def test_weight_choices(model_mod, entries):
         model_mod.resolve_weight_choice("fp8_e5m2", torch.device("cpu"))
 
 
-def test_blocks_on_device_choice_reaches_the_sampler(model_mod, sampler_mod, entries):
+def sample_once(sampler_mod, handle):
+    return sampler_mod.StepVideoSampler().sample(model=handle, positive=conditioning(1), negative=conditioning(2),
+                                                 preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17,
+                                                 steps=1, cfg=0.0, shift=0.0, seed=0)
+
+
+def test_blocks_on_device_choice_reaches_the_sampler(model_mod, sampler_mod, entries, bridge, monkeypatch,
+                                                     fake_gpu, sample_calls):
+    """The loader's widget travels on the handle to the plan; what the plan then does depends on the device:
+    on the CPU every block stays in RAM (nothing to stream to), on a GPU the streamer keeps that many
+    blocks there and streams the others (the GPU is faked, the run computes on the CPU; see conftest.py)."""
     handle, text = load(model_mod, entries[0], "fp8_scaled", blocks_on_device="1")
     assert handle.blocks_on_device == "1" and "blocks on device: 1" in text
-    out = sampler_mod.StepVideoSampler().sample(model=handle, positive=conditioning(1), negative=conditioning(2),
-                                                preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17,
-                                                steps=1, cfg=0.0, shift=0.0, seed=0)
+    out = sample_once(sampler_mod, handle)
     assert out["result"][0]["samples"].shape == (1, 64, 3, 2, 2)
+    assert sample_calls[-1]["blocks_on_device"] is None and sample_calls[-1]["streamer"].streamed == []
+    assert "all 2 blocks in RAM" in out["ui"]["text"][0]
+
+    fake_gpu(80 * 1024 ** 3)
+    monkeypatch.setattr(bridge, "torch_device", lambda: torch.device("cuda", 0))
+    gpu, text = load(model_mod, entries[0], "fp8_scaled", blocks_on_device="1")
+    assert gpu.device == torch.device("cuda", 0) and gpu.dtype == torch.bfloat16 and "compute on cuda:0" in text
+    out = sample_once(sampler_mod, gpu)
+    assert out["result"][0]["samples"].shape == (1, 64, 3, 2, 2)
+    call = sample_calls[-1]
+    assert call["device"] == torch.device("cuda", 0) and call["blocks_on_device"] == 1
+    assert (call["streamer"].resident, call["streamer"].streamed) == ([0], [1])
+    assert "1 of 2 blocks on the device, 1 streamed" in out["ui"]["text"][0]
+    everything, _ = load(model_mod, entries[0], "fp8_scaled", blocks_on_device="all")
+    sample_once(sampler_mod, everything)
+    assert sample_calls[-1]["blocks_on_device"] is None and sample_calls[-1]["streamer"].streamed == []
     with pytest.raises(ValueError, match="blocks_on_device"):
         load(model_mod, entries[0], "auto", blocks_on_device="49")
     assert model_mod.StepVideoModelLoader.INPUT_TYPES()["required"]["blocks_on_device"][1]["default"] == "auto"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -47,15 +48,44 @@ def test_parts_equal_the_two_models_called_directly(release_root, encoder):
     assert torch.equal(out["encoder_hidden_states_2"], load_hunyuan_clip(release_root).encode([EN, MIXED]))
 
 
-def test_bf16_outputs_and_plan_choices(release_root):
-    enc = fresh(release_root, dtype=torch.bfloat16)
-    out = enc.encode([ZH])
-    assert out["encoder_hidden_states"].dtype == out["encoder_hidden_states_2"].dtype == torch.bfloat16
+def reference_conditioning(encoder, prompts):
+    """What :meth:`encode` must return, computed another way: the Step-LLM's plain ``forward`` and CLIP's own
+    ``encode`` on deep copies of the encoder's models (no device plan, no ``functional_call``), the mask
+    built by hand (77 CLIP ones, then the Step-LLM mask)."""
+    llm, clip = copy.deepcopy(encoder.llm), copy.deepcopy(encoder.clip)
+    tokens = encoder.tokenizer(prompts)
+    with torch.no_grad():
+        hidden = llm(tokens.input_ids, tokens.attention_mask)
+    clip_out = clip.encode(prompts)
+    assert clip_out.dtype == torch.float32  # CLIP computes in fp32 whatever the Step-LLM's dtype
+    ones = torch.ones(len(prompts), 77, dtype=torch.long)
+    return {"encoder_hidden_states": hidden, "encoder_hidden_states_2": clip_out.to(encoder.dtype),
+            "encoder_attention_mask": torch.cat([ones, tokens.attention_mask], dim=1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_every_device_plan_equals_the_plain_models(release_root, dtype):
+    """Every device plan gives the conditioning computed without any plan (bit for bit: on one CPU the same
+    operations run), and so the plans agree with each other; both embeddings come out in the Step-LLM's dtype."""
+    enc = fresh(release_root, dtype=dtype)
+    out = enc.encode([ZH, EN])
+    assert out["encoder_hidden_states"].dtype == out["encoder_hidden_states_2"].dtype == dtype
     assert enc.last_plan == "cpu"  # auto on a CPU device
-    streamed = fresh(release_root, plan="stream").encode_uncached([ZH])
-    resident = fresh(release_root, plan="resident").encode_uncached([ZH])
-    for key in streamed:
-        assert torch.equal(streamed[key], resident[key])
+    expected = reference_conditioning(enc, [ZH, EN])
+    plans = {"auto": out}
+    for name in ("cpu", "stream", "resident"):
+        planned = fresh(release_root, dtype=dtype, plan=name)
+        plans[name] = planned.encode_uncached([ZH, EN])
+        assert planned.last_plan == name
+    for name, got in plans.items():
+        assert list(got) == list(expected), name
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype, (name, key, got[key].dtype)
+            diff = (got[key].double() - expected[key].double()).abs().max().item()
+            assert torch.equal(got[key], expected[key]), f"plan {name}: {key} differs by up to {diff:.3g}"
+    for key in expected:  # the plans agree with each other
+        assert torch.equal(plans["stream"][key], plans["resident"][key])
+        assert torch.equal(plans["stream"][key], plans["cpu"][key])
 
 
 def test_rows_do_not_depend_on_the_batch(release_root):
