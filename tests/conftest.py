@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import sys
@@ -119,39 +118,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# -- capabilities of the installed torch -------------------------------------------------------
-# ``@pytest.mark.needs_cpu_fp8_matmul`` (also in ``pytest.param(..., marks=...)``) skips a test
-# of the fp8 matmul path itself where this torch lacks it on the CPU.  Users of such a torch get
-# the dequantise path, which tests/core/test_fp8_fallback.py checks under every torch.
-
-NEEDS_CPU_FP8_MATMUL = "needs_cpu_fp8_matmul"
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_fp8_matmul() -> bool:
-    """Whether this torch runs the fp8 ``torch._scaled_mm`` with row-wise scales on the CPU.
-
-    Decided by the pack's own probe (:func:`stepvideo_core.fp8.fp8_matmul_supported`), asked
-    with an empty probe cache so an earlier test's fallback cannot change the answer.  torch
-    2.9.1 (what ComfyUI users run) has none on the CPU (per-tensor scales only); 2.13 has.
-    """
-    from unittest import mock
-
-    from stepvideo_core import fp8
-    with mock.patch.dict(fp8._FP8_MATMUL_PROBED, clear=True):
-        return fp8.fp8_matmul_supported(torch.device("cpu"))
-
-
-@pytest.hookimpl(specname="pytest_configure")
-def pytest_configure__cpu_fp8_matmul_marker(config):  # pytest_configure, under a second name
-    config.addinivalue_line("markers", f"{NEEDS_CPU_FP8_MATMUL}: skip unless this torch has the CPU fp8 "
-                                       f"torch._scaled_mm with row-wise scales")
-
-
-@pytest.hookimpl(specname="pytest_runtest_setup")
-def pytest_runtest_setup__cpu_fp8_matmul(item):
-    if item.get_closest_marker(NEEDS_CPU_FP8_MATMUL) is not None and not cpu_fp8_matmul():
-        pytest.skip(f"torch {torch.__version__} has no CPU fp8 torch._scaled_mm with row-wise scales "
-                    f"(stepvideo_core.fp8.fp8_matmul_supported(cpu) is False); its users get the dequantise path")

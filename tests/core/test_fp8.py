@@ -7,7 +7,7 @@ in e4m3), <= 0.04 with the dequantise path (weights only).
 
 Tests of the fp8 matmul path itself need a torch whose CPU ``torch._scaled_mm`` takes
 row-wise scales (2.13 does, 2.9.1 does not): they carry the ``needs_cpu_fp8_matmul``
-marker of tests/conftest.py and skip elsewhere; what users of such a torch get (the
+mark of tests/capabilities.py and skip elsewhere; what users of such a torch get (the
 dequantise fallback) is tested under every torch in tests/core/test_fp8_fallback.py.
 """
 
@@ -24,9 +24,10 @@ from stepvideo_core.checkpoint import CheckpointError, load_weights, open_files
 from stepvideo_core.cli import smoke_inputs
 from stepvideo_core.tiny import tiny_dit_state_dict
 from tests.factory import TINY_DIT_CONFIG, write_tiny_dit
+from tests.capabilities import needs_cpu_fp8_matmul
 
 E4M3_REL = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: rounding error <= half an ulp = 2^-4 relative
-NEEDS_MATMUL = pytest.mark.needs_cpu_fp8_matmul  # tests/conftest.py: skips where this torch lacks it
+NEEDS_MATMUL = needs_cpu_fp8_matmul  # skips where this torch lacks the kernel
 MODES = [pytest.param("matmul", 0.05, marks=NEEDS_MATMUL), ("dequantize", 0.04)]
 KNOWN_CPU_FP8_MATMUL = {(2, 9): False, (2, 13): True}  # the torches CI runs (ComfyUI users' and the newest)
 

@@ -13,6 +13,7 @@ from stepvideo_core.tiny import TINY_DIT_CONFIG
 from tests.core.offload.livebytes import LiveBytes
 from tests.core.sampling.conftest import tiny_model
 from tests.factory import write_tiny_dit
+from tests.capabilities import needs_cpu_fp8_matmul
 
 
 def test_parameter_counts_of_the_release_and_of_the_tiny_model():
@@ -132,7 +133,7 @@ def test_activation_model_covers_what_the_model_allocates(dtype, name):
     assert measured <= est["items"]["activations"] <= 1.15 * measured
 
 
-@pytest.mark.parametrize("mode", [pytest.param("matmul", marks=pytest.mark.needs_cpu_fp8_matmul), "dequantize"])
+@pytest.mark.parametrize("mode", [pytest.param("matmul", marks=needs_cpu_fp8_matmul), "dequantize"])
 def test_fp8_paths_stay_inside_the_estimate(tmp_path, monkeypatch, mode):
     """Both fp8 paths: the matmul (where this torch has it on the CPU) and the dequantise path every torch has.
 

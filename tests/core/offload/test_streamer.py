@@ -18,6 +18,7 @@ from stepvideo_core.sampling.noise import initial_noise, latent_shape
 from stepvideo_core.sampling.schedule import euler_step, flow_match_sigmas, guidance
 from stepvideo_core.tiny import TINY_DIT_CONFIG
 from tests.core.sampling.conftest import conditioning, tiny_model
+from tests.capabilities import needs_cpu_fp8_matmul
 
 FIVE = dict(TINY_DIT_CONFIG, num_layers=5)
 SIZE = dict(width=32, height=32, frames=17, steps=2, cfg=9.0, shift=13.0, seed=5)
@@ -169,7 +170,7 @@ def test_no_copy_transport_runs_the_schedule_in_place(model, cond, resident):
     assert torch.equal(out, resident)
 
 
-@pytest.mark.parametrize("mode", [pytest.param("matmul", marks=pytest.mark.needs_cpu_fp8_matmul), "dequantize"])
+@pytest.mark.parametrize("mode", [pytest.param("matmul", marks=needs_cpu_fp8_matmul), "dequantize"])
 def test_fp8_blocks_stream_with_their_scales(tmp_path, mode):
     """fp8 weights and their scale buffers go through the slots as they are (fp8 stays fp8), under either
     fp8 path; the matmul one where this torch has it on the CPU, the dequantise one under every torch."""
