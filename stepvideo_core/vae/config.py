@@ -131,7 +131,7 @@ def check_video_shape(shape) -> None:
     if frames % FRAME_CHUNK or frames == 0:
         raise ValueError(f"the Step-Video VAE encodes chunks of {FRAME_CHUNK} frames: got {frames} frames; "
                          f"use {_nearest_multiples(frames, FRAME_CHUNK)}")
-    _check_pixels(height, width)
+    check_pixels(height, width)
 
 
 def check_latent_shape(shape, z_channels: int) -> None:
@@ -149,7 +149,7 @@ def check_latent_shape(shape, z_channels: int) -> None:
                          f"frames; use {_nearest_multiples(frames, LATENT_CHUNK)}")
 
 
-def _check_pixels(height: int, width: int) -> None:
+def check_pixels(height: int, width: int) -> None:
     """Raise ValueError unless height and width are positive multiples of 16."""
     for name, value in (("height", height), ("width", width)):
         if value % SPATIAL_FACTOR or value == 0:

@@ -22,7 +22,7 @@ from .. import ops as default_ops
 from ..checks import NonFiniteError, count_non_finite
 from ..memory import trim_host_heap
 from ..sampling.noise import cpu_standard_normal
-from .config import (FRAME_CHUNK, LATENT_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig,
+from .config import (FRAME_CHUNK, LATENT_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig, check_pixels,
                      check_latent_shape, check_video_shape)
 from .decoder import VideoDecoder
 from .encoder import VideoEncoder
@@ -158,14 +158,7 @@ class StepVideoVAE(nn.Module):
         z = self.config.z_channels
         shape = (batch, chunks * LATENT_CHUNK, z, height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
         out = torch.empty(shape, dtype=self.compute_dtype, device=output_device or self.device)
-        noise = None
-        if sample:
-            if generator is not None and generator.device.type == "cpu":  # the same values on every machine
-                noise = cpu_standard_normal(shape, generator, torch.float32)
-            else:  # the official draw: the global RNG (or the caller's device generator) on the device
-                noise_device = generator.device if generator is not None else self.device
-                noise = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32)
-            noise = noise.to(device=out.device, dtype=self.compute_dtype)
+        noise = self._posterior_noise(shape, generator, out.device) if sample else None
         for i in range(chunks):
             _check_stop(should_stop, "encode", i, chunks)
             with polled(self.encoder, should_stop, f"VAE encode stopped on request inside chunk {i + 1} of {chunks}"):
@@ -183,6 +176,42 @@ class StepVideoVAE(nn.Module):
             if on_chunk is not None:
                 on_chunk(i + 1, chunks)
         return out
+
+    def _posterior_noise(self, shape: tuple, generator: Optional[torch.Generator], device) -> torch.Tensor:
+        """Standard normal noise of the posterior sample, drawn once for the whole latent, in the compute dtype.
+
+        A CPU ``generator`` draws the machine-independent way (float64, rounded); without one
+        the global RNG draws on the VAE's device, as the official encode does.
+        """
+        if generator is not None and generator.device.type == "cpu":
+            noise = cpu_standard_normal(shape, generator, torch.float32)
+        else:
+            noise_device = generator.device if generator is not None else self.device
+            noise = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32)
+        return noise.to(device=device, dtype=self.compute_dtype)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generator: Optional[torch.Generator] = None,
+                     sample: bool = True) -> torch.Tensor:
+        """Latent [B, 1, z, H/16, W/16] of ``image`` [B, 3, H, W] in [-1, 1], encoded as a one-frame video.
+
+        What the official TI2V pipeline does with its first frame: the causal encoder turns one
+        frame into one latent frame (no 17-frame chunk).  ``sample``/``generator`` as :meth:`encode`.
+        """
+        if image.ndim != 4 or image.shape[1] != self.config.in_channels:
+            raise ValueError(f"encode_image takes [B, {self.config.in_channels}, H, W], got {list(image.shape)}")
+        check_pixels(image.shape[-2], image.shape[-1])
+        bad = count_non_finite(image)
+        if bad:
+            raise NonFiniteError(f"the image to encode holds {bad} NaN/Inf values (of {image.numel()}); "
+                                 f"expected pixel values in [-1, 1]")
+        x = image.to(device=self.device, dtype=self.compute_dtype)[:, :, None]  # [B, 3, 1, H, W]
+        moments = self.encoder(x)  # [B, 1, 2z, h, w]
+        mean, logvar = moments.chunk(2, dim=2)
+        if not sample:
+            return mean
+        noise = self._posterior_noise(tuple(mean.shape), generator, mean.device)
+        return mean + torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE)) * noise
 
     # -- decode ------------------------------------------------------------------
     @torch.no_grad()
