@@ -82,6 +82,17 @@ class Slot:
         shaped = out.unflatten(-1, (-1, self.parts, self.head_dim))
         return shaped.select(-2, self.index)
 
+    def runs(self, fused_rows: int) -> list[tuple[int, int]]:
+        """(first row, row count) of every contiguous run of this slot's rows in a fused layer of ``fused_rows`` rows.
+
+        One run per head: head h owns rows ``[(h * parts + index) * head_dim, ... + head_dim)``,
+        which are rows ``[h * head_dim, ... + head_dim)`` of the split projection.  The same rows
+        as :meth:`of_weight`, for patch formats that address rows only as contiguous ranges
+        (ComfyUI's ``(dim, offset, size)`` slices).
+        """
+        heads = fused_rows // (self.parts * self.head_dim)
+        return [((h * self.parts + self.index) * self.head_dim, self.head_dim) for h in range(heads)]
+
     def describe(self) -> str:
         """E.g. "k rows (head-interleaved, 2 parts)" for messages."""
         return f"{self.name} rows of the head-interleaved fused layer"
@@ -95,6 +106,11 @@ class Target:
     module: str
     leaf: str = "weight"
     slot: Optional[Slot] = None
+
+    @property
+    def tensor_name(self) -> str:
+        """The state-dict name (relative to the DiT) of the tensor this target changes, e.g. "proj_out.weight"."""
+        return f"{self.module}.{self.leaf}" if self.module else self.leaf
 
     @property
     def block(self) -> Optional[int]:

@@ -40,7 +40,8 @@ def load(lora_mod, model, name, strength=1.0, mode="auto", blocks=""):
 def test_registered_with_its_inputs(pack, loras):
     cls = pack.NODE_CLASS_MAPPINGS["StepVideoLoraLoader"]
     required = cls.INPUT_TYPES()["required"]
-    assert required["model"][0] == "STEPVIDEO_MODEL" and cls.RETURN_TYPES == ("STEPVIDEO_MODEL",)
+    # one socket for both kinds (a native MODEL gets a MODEL back; tests/e2e/test_native_lora.py)
+    assert required["model"][0] == "STEPVIDEO_MODEL,MODEL" and cls.RETURN_TYPES == ("STEPVIDEO_MODEL,MODEL",)
     assert required["lora_name"][0] == ["fused_comfy.safetensors", "hunyuan.safetensors",
                                         "peft/adapter_model.safetensors", "style/split_kohya.safetensors"]
     strength = required["strength"][1]
