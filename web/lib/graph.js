@@ -39,6 +39,14 @@ export function upstreamLoader(node, maxDepth = 32) {
 }
 
 /**
+ * The types a socket accepts or carries: ComfyUI writes a union as "A,B" (e.g. the LoRA
+ * loader's "STEPVIDEO_MODEL,MODEL").
+ */
+export function socketTypes(type) {
+  return String(type ?? "").split(",").map((t) => t.trim()).filter(Boolean);
+}
+
+/**
  * Returns the StepVideoSampler nodes that `node`'s model output reaches, following model
  * sockets through nodes in between (LoRA loaders), in the order found.
  */
@@ -49,7 +57,7 @@ export function downstreamSamplers(node, maxNodes = 256) {
   while (queue.length && seen.size <= maxNodes) {
     const current = queue.shift();
     (current.outputs ?? []).forEach((output, slot) => {
-      if (output?.type !== "STEPVIDEO_MODEL") return;
+      if (!socketTypes(output?.type).includes("STEPVIDEO_MODEL")) return;
       for (const target of current.getOutputNodes?.(slot) ?? []) {
         if (!target || seen.has(target)) continue;
         seen.add(target);

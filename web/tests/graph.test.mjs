@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { downstreamSamplers, nodeClass, upstreamLoader, widgetValues } from "../lib/graph.js";
+import { downstreamSamplers, nodeClass, socketTypes, upstreamLoader, widgetValues } from "../lib/graph.js";
 
 // Tiny stand-ins for litegraph nodes: only the API the helpers use.
 function node(type, { inputs = [], outputs = [], widgets = {} } = {}) {
@@ -24,7 +24,7 @@ function link(from, slot, to, inputName) {
 function chain() {
   const loader = node("StepVideoModelLoader", { outputs: ["STEPVIDEO_MODEL"],
     widgets: { weight_dtype: "fp8_scaled" } });
-  const lora = node("StepVideoLoraLoader", { inputs: ["model"], outputs: ["STEPVIDEO_MODEL"] });
+  const lora = node("StepVideoLoraLoader", { inputs: ["model"], outputs: ["STEPVIDEO_MODEL,MODEL"] });
   const sampler = node("StepVideoSampler", { inputs: ["model", "positive", "negative"], outputs: ["LATENT"],
     widgets: { width: 992, height: 544, frames: 204, seed: 1 } });
   link(loader, 0, lora, "model");
@@ -72,4 +72,10 @@ test("downstreamSamplers finds samplers behind LoRA loaders, ignoring other outp
   link(loader, 0, second, "model");
   assert.deepEqual(downstreamSamplers(loader), [second, sampler]);
   assert.deepEqual(downstreamSamplers(sampler), []);
+});
+
+test("socketTypes splits ComfyUI's union types", () => {
+  assert.deepEqual(socketTypes("STEPVIDEO_MODEL,MODEL"), ["STEPVIDEO_MODEL", "MODEL"]);
+  assert.deepEqual(socketTypes(" MODEL "), ["MODEL"]);
+  assert.deepEqual(socketTypes(undefined), []);
 });
