@@ -10,7 +10,11 @@ scripts) each degrades to a simple stand-in, so node code runs anywhere:
   ``loras/``); inside ComfyUI those roots are searched after ComfyUI's own folders;
 - progress is logged instead of sent to the browser;
 - interrupts come from :func:`request_interrupt` (a flag tests can set);
-- the device is CUDA when available, else the CPU.
+- the device is CUDA when available, else the CPU;
+- model management (:func:`model_patcher`, :func:`load_models`, :func:`unload_model`) is
+  ComfyUI's own; outside ComfyUI there is no patcher and the nodes place weights themselves;
+- the block streamer pins host memory through ComfyUI's pinned-memory budget
+  (:func:`cuda_api`); outside ComfyUI with torch's own pinning.
 
 ComfyUI modules are imported lazily and looked up through :func:`_comfy`, so tests can
 swap them for fakes with ``monkeypatch.setitem(comfy_bridge._MODULES, name, fake)``.
@@ -19,16 +23,19 @@ swap them for fakes with ``monkeypatch.setitem(comfy_bridge._MODULES, name, fake
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import importlib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from ..stepvideo_core.checkpoint import SAFETENSORS_SUFFIXES
+from ..stepvideo_core.offload.streamer import TorchCuda
 
 log = logging.getLogger("StepVideo")
 
@@ -313,6 +320,156 @@ def empty_cache() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- model management
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s state (parameters and persistent buffers): the size ComfyUI accounts for it."""
+    return sum(t.nbytes for t in module.state_dict(keep_vars=True).values())
+
+
+def _has_meta(module: torch.nn.Module) -> bool:
+    """True when some weight of `module` was dropped (a meta tensor: nothing to copy anywhere)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+@functools.lru_cache(maxsize=None)
+def _patcher_class(base: type) -> type:
+    """ComfyUI's plain ``ModelPatcher`` (`base`), able to drop its weights on unload instead of copying them home.
+
+    The plain patcher, not ``CoreModelPatcher``: inside ComfyUI with dynamic VRAM that is
+    ``ModelPatcherDynamic``, which loads weights on demand through comfy.ops' casting layers;
+    the pack's modules are plain torch modules that compute with the weights where they are
+    (the text encoder streams the layers ComfyUI left in RAM itself).
+    """
+
+    class StepVideoModelPatcher(base):
+        """A ``ModelPatcher`` for the pack's modules; :func:`unload_model` may set ``stepvideo_drop``."""
+
+        stepvideo_drop: Optional[Callable[[], object]] = None
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            drop = self.stepvideo_drop
+            if not unpatch_weights or (drop is None and not _has_meta(self.model)):
+                return super().unpatch_model(device_to, unpatch_weights)
+            # Forget ComfyUI's placement without the copy to the offload device (39 GB of RAM for
+            # a resident Step-LLM), then drop the weights wherever they are. Weights dropped
+            # already (meta tensors) cannot be copied at all: ComfyUI's eviction must not fail.
+            result = super().unpatch_model(None, unpatch_weights)
+            if drop is not None:
+                drop()
+            self.model.device = self.offload_device
+            return result
+
+    return StepVideoModelPatcher
+
+
+def model_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """Return a ComfyUI ``ModelPatcher`` owning `module`, or None outside ComfyUI.
+
+    With it ComfyUI's model management knows the module: :func:`load_models` places it on
+    `load_device` (after freeing VRAM for it), ``comfy.model_management.free_memory``,
+    ``unload_all_models`` and the UI's "unload models" move it back to `offload_device`, and
+    ComfyUI's caches treat an output holding it (as ``.patcher``) as a model. `module` must
+    accept new attributes (ComfyUI keeps its bookkeeping on it): pass a container module.
+    """
+    mp = _comfy("comfy.model_patcher")
+    if mp is None:
+        return None
+    return _patcher_class(mp.ModelPatcher)(module, load_device=torch.device(load_device),
+                              offload_device=torch.device(offload_device), size=module_bytes(module))
+
+
+def load_models(patchers, memory_required: int = 0, full: bool = False) -> None:
+    """Have ComfyUI place `patchers` on their load devices before a compute (``load_models_gpu``).
+
+    ComfyUI first frees VRAM for them plus `memory_required` bytes of working memory,
+    unloading other models as needed. `full` loads every weight; otherwise, when VRAM is
+    short, ComfyUI may leave part of the weights on the offload device (the caller must then
+    bring them over itself, as the text encoder's streaming does). They stay loaded after the
+    compute, until ComfyUI needs the memory. None entries and calls outside ComfyUI do nothing.
+    """
+    patchers = [p for p in patchers if p is not None]
+    mm = _comfy("comfy.model_management")
+    if mm is None or not patchers:
+        return
+    mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=bool(full))
+
+
+def loaded_models() -> list:
+    """The patchers ComfyUI has loaded now (``comfy.model_management.loaded_models()``); [] outside ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    return [] if mm is None else list(mm.loaded_models())
+
+
+def unload_model(patcher, drop: Optional[Callable[[], object]] = None) -> bool:
+    """Take `patcher` out of ComfyUI's loaded models; returns True when it was loaded.
+
+    Without `drop` its weights go back to the offload device, as any ComfyUI unload does.
+    With `drop`, ComfyUI forgets where it placed them without copying them home and `drop()`
+    removes them (the text encoder's release); `drop()` is called also when ComfyUI did not
+    hold the model, and outside ComfyUI (`patcher` None).
+    """
+    mm = _comfy("comfy.model_management")
+    entry = None
+    if mm is not None and patcher is not None:
+        entry = next((m for m in mm.current_loaded_models if m.model is patcher), None)
+    if entry is None:
+        if drop is not None:
+            drop()
+        return False
+    others = [m for m in mm.current_loaded_models if m is not entry]
+    patcher.stepvideo_drop = drop
+    try:
+        mm.free_memory(1e30, entry.device, keep_loaded=others)
+    finally:
+        patcher.stepvideo_drop = None
+    return True
+
+
+# --------------------------------------------------------------------------- pinned memory
+
+
+class ComfyPinnedCuda(TorchCuda):
+    """The block streamer's CUDA calls, with host pinning inside ComfyUI's pinned-memory budget.
+
+    ``pin`` asks ``comfy.model_management.pin_memory``, which registers the tensor's own memory
+    (no copy) and counts it against ``MAX_PINNED_MEMORY`` (evicting pins of ComfyUI's own models
+    when it needs room). When ComfyUI refuses (budget exhausted, pinning disabled, no CUDA) the
+    tensor stays in pageable memory: copies stay correct, only slower; one log line per run says so.
+    """
+
+    def __init__(self, mm):
+        self.mm = mm
+        self.pinned = 0          # tensors ComfyUI pinned for this run
+        self.refused = 0         # tensors left in pageable memory
+        self.refused_bytes = 0
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.mm.pin_memory(tensor):
+            self.pinned += 1
+            return tensor
+        self.refused += 1
+        self.refused_bytes += tensor.nbytes
+        if self.refused == 1:
+            budget = int(getattr(self.mm, "MAX_PINNED_MEMORY", 0) or 0)
+            used = int(getattr(self.mm, "TOTAL_PINNED_MEMORY", 0) or 0)
+            why = ("ComfyUI's pinned memory is off" if budget <= 0 else
+                   f"ComfyUI's pinned-memory budget is used up: {used >> 20} of {budget >> 20} MiB")
+            (log.warning if budget > 0 else log.info)(
+                "StepVideo: streamed block weights stay in pageable memory (%s); copies are slower", why)
+        return tensor
+
+
+def cuda_api() -> Optional[TorchCuda]:
+    """The ``cuda_api`` for the core's block streamer: inside ComfyUI a :class:`ComfyPinnedCuda`
+    (pinning within ComfyUI's budget); None elsewhere (the core's default, torch's own pinning)."""
+    mm = _comfy("comfy.model_management")
+    if mm is None or not hasattr(mm, "pin_memory"):
+        return None
+    return ComfyPinnedCuda(mm)
 
 
 # --------------------------------------------------------------------------- previews

@@ -160,7 +160,7 @@ class StepVideoSampler:
                                  device=model.device,
                                  blocks_on_device=plan["blocks_on_device"] if streamed else None,
                                  batch_cfg=plan["batch_cfg"], on_step=on_step,
-                                 should_stop=bridge.interrupt_requested)
+                                 should_stop=bridge.interrupt_requested, cuda_api=bridge.cuda_api())
         except SamplingInterrupted:
             bridge.check_interrupt()  # ComfyUI's own interrupt exception (weights are already home)
             raise

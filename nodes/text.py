@@ -5,10 +5,20 @@ a release root holding ``step_llm/`` and/or ``hunyuan_clip/`` (e.g. ``stepvideo-
 or one of those component folders itself.  Prompts follow the official conventions:
 the positive prompt gets the "magic" quality suffix (switchable), the negative prompt
 node starts with the official negative prompt (editable).
+
+Memory.  Inside ComfyUI the two encoders are one ComfyUI-managed model (a ``ModelPatcher``
+on the handle, see :func:`place_weights`): an encode asks ComfyUI to load them with
+``load_models_gpu`` (ComfyUI frees VRAM for them, and may leave part of the Step-LLM in
+RAM when VRAM is short: those layers are streamed, the others compute where ComfyUI put
+them), and they stay loaded until ComfyUI needs the memory (``free_memory``, "unload
+models", another model's load) and moves them back to RAM. StepVideo Text Encoder Memory
+with ``keep_in_ram`` off drops them from RAM and VRAM after each encode instead; the next
+new prompt reads them again from disk, prompts seen before answer from the cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,10 +29,10 @@ import torch
 from ..stepvideo_core import load_text_encoder
 from ..stepvideo_core.text.encoder import (NEGATIVE_PROMPT, StepVideoTextEncoder, resolve_text_encoder_dirs,
                                            text_encoder_files, with_magic)
-from ..stepvideo_core.text.streaming import PLANS, stream_bytes
+from ..stepvideo_core.text.streaming import DEFAULT_HEADROOM, PLANS, activation_bytes, stream_bytes
 from ..stepvideo_core.text.tokenizer import MAX_LENGTH
 from . import comfy_bridge as bridge
-from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_TEXT_ENCODER, StepVideoConditioning
+from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_TEXT_ENCODER, StepVideoConditioning, StepVideoTextEncoderHandle
 
 log = logging.getLogger("StepVideo")
 
@@ -74,6 +84,11 @@ def _entries_or_hint(component: str) -> list[str]:
     return list_text_encoder_entries(component) or [f"(no {component} folder in models/{TEXT_FOLDER})"]
 
 
+def format_bytes(n: int) -> str:
+    """``n`` bytes as GiB (1 GiB and up) or MiB, for node texts."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def summarize_encode(cond: StepVideoConditioning, plan: str, seconds: float, cached: bool) -> str:
     """Return the text shown on an encode node: tokens used, how it ran, and any warnings."""
     llm_tokens = int(cond.encoder_attention_mask.sum()) - cond.encoder_hidden_states_2.shape[1]
@@ -83,14 +98,87 @@ def summarize_encode(cond: StepVideoConditioning, plan: str, seconds: float, cac
     return "\n".join(lines)
 
 
-def encode_prompt(encoder: StepVideoTextEncoder, prompt: str) -> dict:
-    """Encode one prompt with a progress bar and interrupt checks; return the node output dict."""
-    if not isinstance(encoder, StepVideoTextEncoder):
-        raise TypeError("StepVideo: text_encoder must come from StepVideoTextEncoderLoader")
+class TextEncoderModules(torch.nn.Module):
+    """Step-LLM (``llm``) and HunyuanCLIP (``clip``) of one encoder as one module: what ComfyUI manages.
+
+    A container, so ComfyUI's bookkeeping attributes land on it rather than on the core's
+    modules; the encoder keeps computing with its own references to the same two modules.
+    """
+
+    def __init__(self, encoder: StepVideoTextEncoder):
+        super().__init__()
+        self.llm = encoder.llm
+        self.clip = encoder.clip
+
+
+def as_handle(text_encoder) -> StepVideoTextEncoderHandle:
+    """The :class:`StepVideoTextEncoderHandle` of a STEPVIDEO_TEXT_ENCODER value (a bare core encoder is wrapped)."""
+    if isinstance(text_encoder, StepVideoTextEncoderHandle):
+        return text_encoder
+    if isinstance(text_encoder, StepVideoTextEncoder):
+        return StepVideoTextEncoderHandle(encoder=text_encoder)
+    raise TypeError("StepVideo: text_encoder must come from StepVideoTextEncoderLoader")
+
+
+def patcher_load_device(encoder: StepVideoTextEncoder, offload: torch.device) -> torch.device:
+    """Where ComfyUI places the weights for an encode: the compute device for the ``auto`` and
+    ``resident`` plans; for ``stream`` and ``cpu`` the offload device (RAM), where those plans keep
+    them (``stream`` copies one layer at a time to the GPU itself)."""
+    return encoder.device if encoder.plan in ("auto", "resident") else torch.device(offload)
+
+
+def place_weights(handle: StepVideoTextEncoderHandle, batch: int = 1, length: int = MAX_LENGTH) -> None:
+    """Put the weights where the next encode computes from them, and free the VRAM it needs.
+
+    Inside ComfyUI through its model management (``load_models_gpu``): ``resident`` loads every
+    weight on the GPU; ``auto`` lets ComfyUI load what fits while keeping one layer's streaming
+    room free (the layers it leaves in RAM are then streamed: the plan is chosen afterwards from
+    where the weights are); ``stream``/``cpu`` are accounted where they rest, in RAM, and
+    ``stream`` gets one layer's room on the GPU. Outside ComfyUI: the streaming room is freed,
+    the weights stay where they rest (the encoder copies what it needs).
+    """
+    encoder, patcher = handle.encoder, handle.patcher
+    uses_device = encoder.device.type != "cpu" and encoder.plan != "cpu"
+    streaming = stream_bytes(encoder.llm, batch, length)
+    if patcher is None:
+        if uses_device:
+            bridge.free_memory(streaming, encoder.device)
+        return
+    if patcher.load_device != encoder.device or not uses_device:
+        bridge.load_models([patcher])  # registered where the weights rest: nothing moves
+        if uses_device:
+            bridge.free_memory(streaming, encoder.device)
+    elif encoder.plan == "resident":
+        working = activation_bytes(encoder.llm.config, batch, length, encoder.dtype) + DEFAULT_HEADROOM
+        bridge.load_models([patcher], memory_required=working, full=True)
+    else:
+        bridge.load_models([patcher], memory_required=streaming)
+
+
+def release_text_encoder(handle: StepVideoTextEncoderHandle) -> int:
+    """Drop the encoder's weights from RAM and every device; returns the bytes dropped (0: already gone).
+
+    Inside ComfyUI the model leaves ComfyUI's loaded models first, without the copy back to RAM
+    that an ordinary unload makes; the next uncached encode reads the weights from the files.
+    """
+    encoder = handle.encoder
+    if encoder.weights_released:
+        return 0
+    size = encoder.weight_bytes()
+    bridge.unload_model(handle.patcher, drop=encoder.release_weights)
+    return size
+
+
+def encode_prompt(text_encoder, prompt: str) -> dict:
+    """Encode one prompt with a progress bar and interrupt checks; return the node output dict.
+
+    A handle with ``keep_in_ram`` off has its weights dropped afterwards (also after an error).
+    """
+    handle = as_handle(text_encoder)
+    encoder = handle.encoder
     notes = tuple(encoder.notes([prompt]))
     cached = encoder.is_cached(prompt)
-    if not cached and encoder.device.type != "cpu" and encoder.plan != "cpu":
-        bridge.free_memory(stream_bytes(encoder.llm, 1, MAX_LENGTH), encoder.device)
+    reread = released = 0
     bar = bridge.progress_bar(len(encoder.llm.layers) + 1)
 
     def on_step(done: int, total: int) -> None:
@@ -98,9 +186,20 @@ def encode_prompt(encoder: StepVideoTextEncoder, prompt: str) -> dict:
         bar.update_absolute(done, total)
 
     start = time.perf_counter()
-    out = encoder.encode([prompt], callback=on_step)
+    try:
+        if not cached:
+            reread = encoder.weight_bytes() if encoder.load_weights() else 0
+            place_weights(handle)
+        out = encoder.encode([prompt], callback=on_step)
+    finally:
+        if not handle.keep_in_ram:
+            released = release_text_encoder(handle)
     cond = StepVideoConditioning(prompt=prompt, notes=notes, **out)
     text = summarize_encode(cond, encoder.last_plan or "-", time.perf_counter() - start, cached)
+    if reread:
+        text += f"\nweights read again from disk ({format_bytes(reread)})"
+    if released:
+        text += f"\nweights released from RAM and VRAM ({format_bytes(released)}; keep_in_ram off)"
     for note in notes:
         log.warning("StepVideo: %s", note)
     return {"ui": {"text": [text]}, "result": (cond,)}
@@ -117,7 +216,9 @@ class StepVideoTextEncoderLoader:
     DESCRIPTION = (
         "Loads the two Step-Video text encoders from models/text_encoders: a stepvideo-t2v folder "
         "(holding step_llm/ and hunyuan_clip/) or the two folders themselves. The 19.6B Step-LLM "
-        "rests in CPU memory and runs on the GPU layer by layer when it does not fit."
+        "rests in CPU memory and runs on the GPU layer by layer when it does not fit. Inside ComfyUI both are "
+        "ComfyUI-managed models (loaded for encoding, unloaded when ComfyUI needs the memory); to drop them "
+        "from RAM after encoding, add StepVideo Text Encoder Memory."
     )
 
     @classmethod
@@ -145,7 +246,8 @@ class StepVideoTextEncoderLoader:
                 "device_plan": (list(PLANS), {
                     "default": "auto",
                     "tooltip": "auto: resident if the whole Step-LLM fits in free VRAM, else streamed layer by "
-                               "layer from RAM, else CPU. resident / stream / cpu force one.",
+                               "layer from RAM, else CPU (inside ComfyUI: ComfyUI loads what fits, the other "
+                               "layers are streamed). resident / stream / cpu force one.",
                 }),
             }
         }
@@ -162,18 +264,24 @@ class StepVideoTextEncoderLoader:
             return float("nan")
 
     def load(self, step_llm, hunyuan_clip, weight_dtype, alibi, device_plan):
-        """Return the UI summary and the loaded :class:`StepVideoTextEncoder`."""
+        """Return the UI summary and a :class:`StepVideoTextEncoderHandle` of the loaded encoders."""
         if weight_dtype not in LLM_DTYPES:
             raise ValueError(f"StepVideo: unknown weight_dtype {weight_dtype!r}; expected one of {list(LLM_DTYPES)}")
         llm_path = bridge.resolve_model_path(TEXT_FOLDER, step_llm)
         clip_path = bridge.resolve_model_path(TEXT_FOLDER, hunyuan_clip)
+        offload = bridge.offload_device()
         start = time.perf_counter()
         encoder = load_text_encoder(llm_path, clip_path, dtype=LLM_DTYPES[weight_dtype], device=bridge.torch_device(),
-                                    plan=device_plan, alibi=bool(alibi), weights_device=bridge.offload_device(),
+                                    plan=device_plan, alibi=bool(alibi), weights_device=offload,
                                     free_vram=bridge.free_vram)
+        patcher = bridge.model_patcher(TextEncoderModules(encoder), patcher_load_device(encoder, offload), offload)
+        handle = StepVideoTextEncoderHandle(encoder=encoder, patcher=patcher)
         summary = encoder.describe() + f"\nloaded in {time.perf_counter() - start:.1f} s"
+        if patcher is not None:
+            summary += (f"\nComfyUI-managed ({format_bytes(bridge.module_bytes(patcher.model))}): loaded to "
+                        f"{patcher.load_device} for encoding, back to {offload} when ComfyUI unloads it")
         log.info(summary.replace("\n", "; "))
-        return {"ui": {"text": [summary]}, "result": (encoder,)}
+        return {"ui": {"text": [summary]}, "result": (handle,)}
 
 
 class StepVideoTextEncode:
@@ -237,13 +345,55 @@ class StepVideoNegativeTextEncode:
         return encode_prompt(text_encoder, prompt)
 
 
+class StepVideoTextEncoderMemory:
+    """Chooses whether the text encoder's weights stay in RAM between encodes."""
+
+    CATEGORY = "StepVideo/loaders"
+    FUNCTION = "apply"
+    RETURN_TYPES = (STEPVIDEO_TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The same text encoder (weights and prompt cache shared) with this memory choice.",)
+    DESCRIPTION = (
+        "Put between StepVideo Text Encoder Loader and the encode nodes. keep_in_ram off: after each encode the "
+        "Step-LLM and HunyuanCLIP weights (39 GB for the release) are dropped from RAM and VRAM, so they do not "
+        "sit beside the DiT while it samples; the next new prompt reads them again from disk, prompts encoded "
+        "before come from the cache at once. On: the weights stay, as without this node."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": (STEPVIDEO_TEXT_ENCODER,),
+                "keep_in_ram": ("BOOLEAN", {
+                    "default": False, "label_on": "keep in RAM", "label_off": "unload after encode",
+                    "tooltip": "Off: drop the weights after each encode (a new prompt reads them again from disk; "
+                               "seen prompts come from the cache). On: keep them loaded between encodes.",
+                }),
+            }
+        }
+
+    def apply(self, text_encoder, keep_in_ram):
+        """Return the UI note and the handle with ``keep_in_ram`` set (the encoder itself is shared)."""
+        handle = dataclasses.replace(as_handle(text_encoder), keep_in_ram=bool(keep_in_ram))
+        if not handle.keep_in_ram and not handle.encoder.can_release:
+            raise ValueError("StepVideo: this text encoder was not loaded from files, so it cannot read its weights "
+                             "again after dropping them; use StepVideo Text Encoder Loader")
+        text = ("weights kept in RAM between encodes" if handle.keep_in_ram else
+                f"weights dropped after each encode ({format_bytes(handle.encoder.weight_bytes())}); new prompts "
+                f"read them again from disk")
+        return {"ui": {"text": [text]}, "result": (handle,)}
+
+
 NODE_CLASS_MAPPINGS = {
     "StepVideoTextEncoderLoader": StepVideoTextEncoderLoader,
+    "StepVideoTextEncoderMemory": StepVideoTextEncoderMemory,
     "StepVideoTextEncode": StepVideoTextEncode,
     "StepVideoNegativeTextEncode": StepVideoNegativeTextEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "StepVideoTextEncoderLoader": "StepVideo Text Encoder Loader",
+    "StepVideoTextEncoderMemory": "StepVideo Text Encoder Memory",
     "StepVideoTextEncode": "StepVideo Text Encode",
     "StepVideoNegativeTextEncode": "StepVideo Negative Text Encode",
 }

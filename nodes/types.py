@@ -46,6 +46,31 @@ STEPVIDEO_CONDITIONING = "STEPVIDEO_CONDITIONING"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class StepVideoTextEncoderHandle:
+    """What a ``STEPVIDEO_TEXT_ENCODER`` socket carries: the loaded encoder, never a copy of weights.
+
+    `encoder` is the core :class:`~stepvideo_core.text.encoder.StepVideoTextEncoder` (weights, tokenizers,
+    prompt cache), shared by every handle derived from this one (``dataclasses.replace``).
+    `patcher` is the ComfyUI ``ModelPatcher`` that ComfyUI's model management loads, accounts
+    for and evicts (None outside ComfyUI); ComfyUI recognises a model output by this attribute,
+    as it does ``comfy.sd.CLIP.patcher``. `keep_in_ram` False drops the weights from RAM and VRAM
+    after each encode (the next new prompt reads them again from disk).
+
+    Attributes it does not have are read from `encoder` (``handle.device``, ``handle.is_cached``,
+    ...), so code written for the bare encoder keeps working.
+    """
+
+    encoder: object
+    patcher: object = None
+    keep_in_ram: bool = True
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "encoder":  # copy/pickle probe dunders before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.encoder, name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepVideoConditioning:
     """What a ``STEPVIDEO_CONDITIONING`` socket carries: exactly the DiT's text inputs, plus the prompt.
 

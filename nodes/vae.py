@@ -4,6 +4,11 @@ Layouts at the sockets are ComfyUI's: LATENT ``{"samples": [B, C, F, h, w]}`` an
 ``[frames, H, W, 3]`` float in [0, 1]; the core's [B, F, C, h, w] / [B, T, 3, H, W] in
 [-1, 1] appear only inside this module.  Progress and interrupts go through the bridge,
 one step per 17-frame chunk.
+
+Inside ComfyUI the VAE is a ComfyUI-managed model (a ``ModelPatcher`` on the handle, as
+``comfy.sd.VAE`` has): each decode/encode loads it with ``load_models_gpu`` and it stays
+loaded until ComfyUI needs the memory.  Outside ComfyUI it moves to the compute device
+for the call and back to rest afterwards.
 """
 
 from __future__ import annotations
@@ -28,15 +33,34 @@ VAE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_TILE = 1024
 
 
+# Working memory of a decode/encode beyond the weights, in multiples of the weights (what the
+# node freed before it was ComfyUI-managed: four times the weights, weights included).
+WORK_FACTOR = 3
+
+
+class VAEModules(torch.nn.Module):
+    """The VAE as the module ComfyUI manages (a container: ComfyUI sets ``device`` on the module it
+    manages, which :class:`StepVideoVAE` derives from its weights)."""
+
+    def __init__(self, vae: StepVideoVAE):
+        super().__init__()
+        self.vae = vae
+
+
 @dataclasses.dataclass(frozen=True)
 class StepVideoVAEHandle:
-    """What a ``STEPVIDEO_VAE`` socket carries: the loaded VAE and where it computes / rests."""
+    """What a ``STEPVIDEO_VAE`` socket carries: the loaded VAE and where it computes / rests.
+
+    `patcher` is ComfyUI's ``ModelPatcher`` of the VAE inside ComfyUI (None elsewhere): ComfyUI's
+    model management loads, accounts for and evicts the VAE through it.
+    """
 
     vae: StepVideoVAE
     dtype: torch.dtype
     device: torch.device
     offload_device: torch.device
     source: Path
+    patcher: object = None
 
 
 def resolve_vae_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -50,15 +74,27 @@ def resolve_vae_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def run_on_device(handle: StepVideoVAEHandle, work):
-    """Run ``work(vae)`` with the VAE on its compute device, then put it back to rest.
+    """Run ``work(vae)`` with the VAE on its compute device.
 
-    Exists so a 1 GB VAE does not sit in VRAM between runs; on the CPU both devices are
-    the same and nothing moves.  A stop request surfaces as ComfyUI's own interrupt.
+    Inside ComfyUI, ComfyUI loads it (``load_models_gpu``, freeing VRAM for it and its working
+    memory) and keeps it loaded until it needs the memory.  Elsewhere the VAE moves to the
+    device for the call and back to rest afterwards, so 1 GB does not sit in VRAM between runs;
+    on the CPU both devices are the same and nothing moves.  A stop request surfaces as
+    ComfyUI's own interrupt.
     """
     vae = handle.vae
+    if handle.patcher is not None:
+        weights = bridge.module_bytes(handle.patcher.model)
+        bridge.load_models([handle.patcher], memory_required=WORK_FACTOR * weights, full=True)
+        try:
+            return work(vae)
+        except VAEInterrupted:
+            bridge.check_interrupt()
+            raise
     moved = handle.device != handle.offload_device
     if moved and handle.device.type == "cuda":
-        bridge.free_memory(sum(p.numel() * p.element_size() for p in vae.parameters()) * 4, handle.device)
+        weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+        bridge.free_memory(weights * (WORK_FACTOR + 1), handle.device)
     try:
         if moved:
             vae.to(handle.device)
@@ -117,13 +153,15 @@ class StepVideoVAELoader:
         start = time.perf_counter()
         vae = load_vae(path, dtype=dtype, device=offload)
         seconds = time.perf_counter() - start
-        handle = StepVideoVAEHandle(vae=vae, dtype=dtype, device=device, offload_device=offload, source=path)
+        handle = StepVideoVAEHandle(vae=vae, dtype=dtype, device=device, offload_device=offload, source=path,
+                                    patcher=bridge.model_patcher(VAEModules(vae), device, offload))
         cfg = vae.config
         summary = "\n".join([
             f"Step-Video VAE v2: {vae_name}",
             f"{cfg.z_channels} latent channels, {vae.num_parameters() / 1e6:.1f}M parameters, "
             f"{str(dtype).replace('torch.', '')}",
-            f"weights on {offload}, compute on {device}, loaded in {seconds:.1f} s",
+            f"weights on {offload}, compute on {device}, loaded in {seconds:.1f} s"
+            + (", ComfyUI-managed" if handle.patcher is not None else ""),
         ])
         log.info(summary.replace("\n", "; "))
         return {"ui": {"text": [summary]}, "result": (handle,)}

@@ -23,7 +23,7 @@ import torch
 
 from ..checks import NonFiniteError, count_non_finite, finite_float
 from ..lora.apply import attachment_of
-from ..offload.streamer import BlockStreamer, SamplingInterrupted
+from ..offload.streamer import BlockStreamer, SamplingInterrupted, TorchCuda
 from .noise import initial_noise, latent_shape
 from .schedule import euler_step, flow_match_sigmas, guidance
 
@@ -111,7 +111,7 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
            device: Union[str, torch.device, None] = None, blocks_on_device: Optional[int] = None,
            batch_cfg: bool = True, noise: Optional[torch.Tensor] = None,
            on_step: Optional[StepCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
-           streamer_mode: str = "auto") -> torch.Tensor:
+           streamer_mode: str = "auto", cuda_api: Optional[TorchCuda] = None) -> torch.Tensor:
     """Generate latents: returns fp32 ``[B, frames/17*3, 64, height/16, width/16]`` on the CPU.
 
     * ``positive`` / ``negative``: dicts with ``encoder_hidden_states`` [B, S, 6144],
@@ -127,6 +127,9 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
     * ``on_step(i, n, latents)`` after each step, i = completed steps (1..n), latents fp32
       [B, F, C, h, w]; ``should_stop()`` is polled before every step and every block, and
       a True answer raises :class:`SamplingInterrupted` after every weight is back home.
+    * ``streamer_mode`` / ``cuda_api``: passed to the
+      :class:`~stepvideo_core.offload.streamer.BlockStreamer` (``cuda_api`` None: torch.cuda's own
+      calls; a host such as ComfyUI passes one whose pinning stays within its pinned-memory budget).
 
     Raises ValueError for a NaN/Inf ``cfg`` or ``shift`` and :class:`NonFiniteError` when the
     conditioning holds NaN/Inf or the latents turn non-finite after a step (naming the step).
@@ -157,7 +160,7 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
         return model(hidden_states=x, timestep=timestep, **cond)
 
     with torch.inference_mode(), BlockStreamer(model, device, blocks_on_device, should_stop=should_stop,
-                                               mode=streamer_mode):
+                                               mode=streamer_mode, cuda_api=cuda_api):
         for i in range(steps):
             if should_stop():
                 raise SamplingInterrupted(f"interrupted before step {i + 1}/{steps}")

@@ -21,6 +21,13 @@ Step-LLM length, CLIP length)``.  The model identity of a loaded encoder is its
 folders plus the size and mtime of every file read.  The device plan is not in
 the key: resident, streamed and CPU runs compute the same thing (bit for bit
 on one device, up to kernel rounding across devices).
+
+Releasing the weights: :meth:`StepVideoTextEncoder.release_weights` drops both
+encoders' weights from memory (RAM and any device) while the tokenizers and the
+cache stay; the next uncached encode reads them again from the files
+(:meth:`~StepVideoTextEncoder.load_weights`), so identical prompts still come
+from the cache and new ones cost one more read of the checkpoint.  It exists so
+the 39 GB Step-LLM need not sit in RAM beside the DiT once the prompts are encoded.
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from ..checkpoint import CheckpointError, PathLike
+from ..checkpoint import load_weights as load_module_weights
+from ..memory import trim_host_heap
 from .clip import CLIP_DIR, HunyuanClip, find_clip_dir, load_hunyuan_clip
 from .llm_loader import find_step_llm_dir, find_step_llm_files, load_step_llm, read_step_llm_config
 from .step_llm import StepLLM
@@ -51,6 +61,29 @@ NEGATIVE_PROMPT = ("画面暗、低分辨率、不良手、文本、缺少手指
 OUTPUT_KEYS = ("encoder_hidden_states", "encoder_hidden_states_2", "encoder_attention_mask")
 
 
+def drop_weights(module: nn.Module) -> int:
+    """Replace every parameter and persistent buffer of ``module`` by a meta tensor of the same shape and dtype.
+
+    Returns the bytes dropped.  The storage goes as soon as nothing else holds it, wherever it
+    was (RAM or a device); the module keeps its structure, so it can be filled again in place
+    (:func:`~stepvideo_core.checkpoint.load_weights`, ``load_state_dict(..., assign=True)``).
+    Non-persistent buffers (not part of a checkpoint, e.g. BERT's ``position_ids``) are kept:
+    nothing could read them back.
+    """
+    dropped = 0
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if param is not None and not param.is_meta:
+                dropped += param.nbytes
+                owner._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                       requires_grad=param.requires_grad)
+        for name, buf in list(owner._buffers.items()):
+            if buf is not None and not buf.is_meta and name not in owner._non_persistent_buffers_set:
+                dropped += buf.nbytes
+                owner._buffers[name] = torch.empty_like(buf, device="meta")
+    return dropped
+
+
 def with_magic(prompt: str, add_magic: bool = True, magic: str = POSITIVE_MAGIC) -> str:
     """The positive prompt as the official pipeline encodes it: ``prompt + magic`` (or ``prompt`` alone)."""
     return prompt + magic if add_magic else prompt
@@ -64,13 +97,17 @@ class StepVideoTextEncoder:
     of ``auto`` / ``resident`` / ``stream`` / ``cpu`` (see :mod:`.streaming`);
     ``auto`` asks ``free_vram(device)`` (default: the CUDA driver) at each
     encode.  ``alibi`` overrides the Step-LLM's attention-bias switch.
+    ``reload(encoder)`` puts the weights back after :meth:`release_weights` (set by
+    :func:`load_text_encoder` to read them from the files); without it the weights
+    cannot be released.
     """
 
     def __init__(self, llm: StepLLM, tokenizer: StepTokenizer, clip: HunyuanClip, *,
                  device: Union[None, str, torch.device] = None, plan: str = "auto", alibi: Optional[bool] = None,
                  free_vram: Optional[Callable[[torch.device], Optional[int]]] = None,
                  output_device: Union[str, torch.device] = "cpu", cache_size: int = 16,
-                 identity: Optional[str] = None):
+                 identity: Optional[str] = None,
+                 reload: Optional[Callable[["StepVideoTextEncoder"], None]] = None):
         if plan not in PLANS:
             raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
         if tokenizer.vocab_size > llm.config.padded_vocab_size:
@@ -87,11 +124,55 @@ class StepVideoTextEncoder:
         self.max_length = MAX_LENGTH
         self.last_plan: Optional[str] = None
         self._cache: OrderedDict = OrderedDict()
+        self._reload = reload
+        self._released = False
 
     @property
     def dtype(self) -> torch.dtype:
         """The Step-LLM weight dtype, which is also the dtype of both output embeddings."""
         return self.llm.tok_embeddings.word_embeddings.weight.dtype
+
+    @property
+    def weights_released(self) -> bool:
+        """True between :meth:`release_weights` and the next :meth:`load_weights` (or uncached encode)."""
+        return self._released
+
+    @property
+    def can_release(self) -> bool:
+        """Whether :meth:`release_weights` is possible: the encoder knows how to read its weights again."""
+        return self._reload is not None
+
+    def weight_bytes(self) -> int:
+        """Bytes of both encoders' parameters and buffers (what :meth:`release_weights` gives back)."""
+        return sum(t.nbytes for m in (self.llm, self.clip) for t in (*m.parameters(), *m.buffers()))
+
+    def release_weights(self) -> int:
+        """Drop both encoders' weights from memory (RAM and any device); returns the bytes released.
+
+        Parameters become meta tensors of the same shapes (:func:`drop_weights`); the tokenizers,
+        the configs and the cache stay, so cached prompts still answer at once.  The next
+        uncached encode reads the weights again (:meth:`load_weights`).  Raises ValueError for
+        an encoder that cannot read them again (built from modules, without ``reload``).
+        """
+        if self._reload is None:
+            raise ValueError("this text encoder was not loaded from files (no reload), so its weights "
+                             "cannot be released; load it with load_text_encoder")
+        if self._released:
+            return 0
+        self._released = True
+        dropped = drop_weights(self.llm) + drop_weights(self.clip)
+        trim_host_heap()  # hand the freed heap pages back (see stepvideo_core.memory)
+        log.info("StepVideo: text encoder weights released (%.2f GB); the next new prompt reads them again",
+                 dropped / 1e9)
+        return dropped
+
+    def load_weights(self) -> bool:
+        """Read the weights again after :meth:`release_weights`; returns True when it did (False: already there)."""
+        if not self._released:
+            return False
+        self._reload(self)
+        self._released = False
+        return True
 
     def cache_key(self, prompt: str) -> tuple:
         """What a cached encoding depends on (see the module docstring)."""
@@ -154,7 +235,11 @@ class StepVideoTextEncoder:
     @torch.no_grad()
     def encode_uncached(self, prompts: Sequence[str],
                         callback: Optional[Callable[[int, int], None]] = None) -> dict[str, torch.Tensor]:
-        """Run both encoders on ``prompts`` now (no cache); same output as :meth:`encode`."""
+        """Run both encoders on ``prompts`` now (no cache); same output as :meth:`encode`.
+
+        Weights released by :meth:`release_weights` are read again first.
+        """
+        self.load_weights()
         prompts = list(prompts) or [""]
         tokens = self.tokenizer(prompts, self.max_length, warn=False)
         batch, length = tokens.input_ids.shape
@@ -185,11 +270,13 @@ class StepVideoTextEncoder:
         bert = self.clip.bert.config
         params = sum(p.numel() for p in self.llm.parameters())
         attention = "sqrt-ALiBi bias (inferred)" if self.alibi else "plain causal (no bias)"
+        where = ("released (read again at the next new prompt)" if self._released
+                 else f"on {next(self.llm.parameters()).device}")
         return "\n".join([
             f"Step-LLM: {cfg.num_layers} layers, width {cfg.hidden_size}, {params / 1e9:.2f}B parameters, "
             f"{str(self.dtype).replace('torch.', '')}, attention {attention}",
             f"HunyuanCLIP: {bert.num_hidden_layers} layers, width {bert.hidden_size}, fp32",
-            f"weights on {next(self.llm.parameters()).device}, compute on {self.device}, plan {self.plan}",
+            f"weights {where}, compute on {self.device}, plan {self.plan}",
         ])
 
 
@@ -260,10 +347,24 @@ def load_text_encoder(step_llm_dir: PathLike, clip_dir: Optional[PathLike] = Non
                               f"{config.padded_vocab_size} embeddings (tokenizer from another model?)")
     clip = load_hunyuan_clip(clip_folder, dtype=torch.float32, device=weights_device)
     llm = load_step_llm(llm_dir, dtype=dtype, device=weights_device, alibi=alibi)
-    identity = f"{llm_dir}|{clip_folder}|{_fingerprint(text_encoder_files(llm_dir, clip_folder))}"
+
+    def reload(encoder: StepVideoTextEncoder) -> None:
+        """Fill the released modules again from the same files, in place (same dtypes, same device)."""
+        index, _ = find_step_llm_files(llm_dir)
+        load_module_weights(encoder.llm, index, dtype=dtype, device=weights_device,
+                            what=f"the Step-LLM loaded from {llm_dir}")
+        fresh = load_hunyuan_clip(clip_folder, dtype=torch.float32, device=weights_device)
+        encoder.clip.bert.load_state_dict(fresh.bert.state_dict(), assign=True)
+        encoder.identity = _identity(llm_dir, clip_folder)  # files changed meanwhile: new cache keys
+
     return StepVideoTextEncoder(llm, tokenizer, clip, device=device, plan=plan, alibi=alibi, free_vram=free_vram,
-                                cache_size=cache_size, identity=identity)
+                                cache_size=cache_size, identity=_identity(llm_dir, clip_folder), reload=reload)
+
+
+def _identity(llm_dir: Path, clip_folder: Path) -> str:
+    """The cache identity of the encoders read from these folders (folders + every file's size and mtime)."""
+    return f"{llm_dir}|{clip_folder}|{_fingerprint(text_encoder_files(llm_dir, clip_folder))}"
 
 
 __all__ = ["ClipFolderNotFound", "NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC", "StepVideoTextEncoder",
-           "load_text_encoder", "resolve_text_encoder_dirs", "with_magic"]
+           "drop_weights", "load_text_encoder", "resolve_text_encoder_dirs", "with_magic"]

@@ -237,3 +237,260 @@ def test_comfy_lookup_caches_a_missing_module(bridge, monkeypatch):
     assert bridge._comfy("stepvideo_no_such_module") is None
     assert bridge._MODULES["stepvideo_no_such_module"] is None
     monkeypatch.delitem(bridge._MODULES, "stepvideo_no_such_module")
+
+
+# ----------------------------------------------------------------------------- model management
+
+
+def test_no_model_management_outside_comfyui(bridge):
+    module = torch.nn.Linear(2, 2)
+    assert bridge.model_patcher(module, torch.device("cpu"), torch.device("cpu")) is None
+    bridge.load_models([None], memory_required=1 << 30, full=True)  # nothing to do, no error
+    assert bridge.loaded_models() == []
+    dropped = []
+    assert bridge.unload_model(None, drop=lambda: dropped.append(1)) is False and dropped == [1]
+    assert bridge.unload_model(None) is False
+    assert bridge.cuda_api() is None
+
+
+class FakeModelPatcher:
+    """The part of comfy.model_patcher.ModelPatcher the bridge relies on, recording unpatch/detach calls."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+        self.calls = []
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        self.calls.append(("unpatch_model", device_to, unpatch_weights))
+        if device_to is not None:
+            self.model.to(device_to)  # what ComfyUI's unpatch does: the weights go home
+            self.model.device = device_to
+
+    def detach(self, unpatch_all=True):  # ComfyUI's detach: unpatch (weights home) and forget
+        if unpatch_all:
+            self.unpatch_model(self.offload_device, unpatch_weights=unpatch_all)
+        return self.model
+
+
+class FakeManagement:
+    """comfy.model_management's loaded-model list and the calls the bridge makes into it."""
+
+    def __init__(self):
+        self.current_loaded_models, self.calls = [], []
+
+    def load_models_gpu(self, models, memory_required=0, force_full_load=False):
+        self.calls.append(("load_models_gpu", list(models), memory_required, force_full_load))
+        for m in models:
+            if not any(e.model is m for e in self.current_loaded_models):
+                self.current_loaded_models.insert(0, types.SimpleNamespace(model=m, device=m.load_device))
+
+    def loaded_models(self):
+        return [e.model for e in self.current_loaded_models]
+
+    def free_memory(self, memory_required, device, keep_loaded=()):
+        self.calls.append(("free_memory", memory_required, device, [e.model for e in keep_loaded]))
+        for entry in list(self.current_loaded_models):
+            if entry.device == device and not any(entry is k for k in keep_loaded):
+                entry.model.detach()
+                self.current_loaded_models.remove(entry)
+
+
+@pytest.fixture
+def fake_comfy(bridge, monkeypatch):
+    """The bridge inside a fake ComfyUI: model_management and model_patcher (patcher classes made afresh)."""
+    mm = FakeManagement()
+    monkeypatch.setitem(bridge._MODULES, "comfy.model_management", mm)
+    monkeypatch.setitem(bridge._MODULES, "comfy.model_patcher", types.SimpleNamespace(ModelPatcher=FakeModelPatcher))
+    return mm
+
+
+class Container(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)
+
+
+def test_model_patcher_is_comfyuis_with_the_module_size(bridge, fake_comfy):
+    module = Container()
+    patcher = bridge.model_patcher(module, "cpu", torch.device("cpu"))
+    assert isinstance(patcher, FakeModelPatcher) and patcher.model is module
+    assert patcher.size == (4 * 3 + 3 + 3 + 3) * 4 == bridge.module_bytes(module)
+    assert patcher.load_device == patcher.offload_device == torch.device("cpu")
+    bridge.load_models([patcher, None], memory_required=123.0, full=True)
+    assert fake_comfy.calls == [("load_models_gpu", [patcher], 123, True)]
+    assert bridge.loaded_models() == [patcher]
+
+
+def test_unload_without_drop_moves_home_and_with_drop_forgets_then_drops(bridge, fake_comfy, monkeypatch):
+    module, other = Container(), Container()
+    patcher = bridge.model_patcher(module, "cpu", "cpu")
+    kept = bridge.model_patcher(other, "cpu", "cpu")
+    bridge.load_models([patcher, kept])
+    moves = []
+    monkeypatch.setattr(module, "to", lambda *a, **k: moves.append(a) or module)  # the copy home, if any
+
+    assert bridge.unload_model(patcher) is True  # an ordinary unload: ComfyUI's unpatch copies home
+    assert patcher.calls == [("unpatch_model", torch.device("cpu"), True)] and moves == [(torch.device("cpu"),)]
+    assert fake_comfy.calls[-1] == ("free_memory", 1e30, torch.device("cpu"), [kept])
+    assert bridge.loaded_models() == [kept]
+
+    bridge.load_models([patcher])
+    patcher.calls.clear(), moves.clear()
+    dropped = []
+    assert bridge.unload_model(patcher, drop=lambda: dropped.append(module.device)) is True
+    assert patcher.calls == [("unpatch_model", None, True)]  # ComfyUI forgets the placement, no copy
+    assert moves == [] and dropped == [torch.device("cpu")] and module.device == torch.device("cpu")
+    assert patcher.stepvideo_drop is None and bridge.loaded_models() == [kept]  # the drop was for this unload only
+    assert other.a.weight.device.type == "cpu"
+
+    dropped.clear()
+    assert bridge.unload_model(patcher, drop=lambda: dropped.append("direct")) is False  # not loaded: dropped anyway
+    assert dropped == ["direct"]
+
+
+# ----------------------------------------------------------------------------- pinned memory
+
+
+class BudgetManagement:
+    """comfy.model_management's pinning: ``pin_memory`` within ``MAX_PINNED_MEMORY``, recording what it is asked."""
+
+    def __init__(self, budget):
+        self.MAX_PINNED_MEMORY, self.TOTAL_PINNED_MEMORY = budget, 0
+        self.asked, self.pinned = [], set()
+
+    def pin_memory(self, tensor):
+        self.asked.append(tensor)
+        if self.MAX_PINNED_MEMORY <= 0 or self.TOTAL_PINNED_MEMORY + tensor.nbytes > self.MAX_PINNED_MEMORY:
+            return False
+        self.TOTAL_PINNED_MEMORY += tensor.nbytes
+        self.pinned.add(tensor.data_ptr())
+        return True
+
+
+def cpu_pinned_cuda(bridge, mm):
+    """The bridge's ComfyPinnedCuda with the stream/event calls made no-ops, so the "cuda" transport runs
+    on the CPU (copies real); only ``pin`` (the bridge's) and ``is_pinned`` (asks the fake) matter here."""
+
+    class Null:
+        def record(self, *args):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class CpuStreams(bridge.ComfyPinnedCuda):
+        def current_device(self):
+            return 0
+
+        def new_stream(self, device):
+            return Null()
+
+        def new_event(self):
+            return Null()
+
+        def current_stream(self, device):
+            return Null()
+
+        def stream(self, stream):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def copy_(self, dst, src):
+            dst.copy_(src)
+
+        def is_pinned(self, tensor):
+            return tensor.data_ptr() in mm.pinned
+
+    return CpuStreams(mm)
+
+
+def run_streamed(model, api, blocks_on_device=1):
+    """One model call with BlockStreamer's "cuda" transport under ``api``; returns the output."""
+    from stepvideo_core.offload import BlockStreamer
+    from tests.core.offload.test_streamer_cuda_order import inputs_for
+
+    with torch.inference_mode(), BlockStreamer(model, "cpu", blocks_on_device, mode="cuda", cuda_api=api):
+        return model(**inputs_for(0))
+
+
+def block_tensors(block):
+    return [t for t in list(block.parameters()) + list(block.buffers())]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_streamed_blocks_are_pinned_through_comfyuis_budget(bridge, monkeypatch):
+    """Only the streamed blocks' home tensors go to comfy.model_management.pin_memory, pinned in place (the
+    homes stay the same memory), once: a second run asks nothing; the output is the unstreamed one."""
+    from tests.core.sampling.conftest import tiny_model
+    from tests.core.offload.test_streamer_cuda_order import FIVE, inputs_for
+
+    mm = BudgetManagement(budget=1 << 40)
+    monkeypatch.setitem(bridge._MODULES, "comfy.model_management", mm)
+    api = bridge.cuda_api()
+    assert isinstance(api, bridge.ComfyPinnedCuda) and api.mm is mm
+    model = tiny_model(torch.float32, config=FIVE)
+    with torch.inference_mode():
+        expected = model(**inputs_for(0))
+    streamed = list(model.transformer_blocks)[2:]
+    homes = [t.data_ptr() for b in streamed for t in block_tensors(b)]
+    others = {t.data_ptr() for b in list(model.transformer_blocks)[:2] for t in block_tensors(b)}
+
+    api = cpu_pinned_cuda(bridge, mm)
+    out = run_streamed(model, api, blocks_on_device=2)
+    assert sorted(t.data_ptr() for t in mm.asked) == sorted(homes) and not others & mm.pinned
+    assert [t.data_ptr() for b in streamed for t in block_tensors(b)] == homes  # pinned in place, still home
+    assert api.pinned == len(homes) and api.refused == 0
+    assert mm.TOTAL_PINNED_MEMORY == sum(t.nbytes for b in streamed for t in block_tensors(b))
+    assert torch.equal(out, expected)
+    mm.asked.clear()
+    run_streamed(model, cpu_pinned_cuda(bridge, mm), blocks_on_device=2)
+    assert mm.asked == []  # pinned once, kept
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_refused_pin_streams_from_pageable_memory_with_one_log_line(bridge, caplog):
+    from tests.core.sampling.conftest import tiny_model
+    from tests.core.offload.test_streamer_cuda_order import FIVE, inputs_for
+
+    model = tiny_model(torch.float32, config=FIVE)
+    with torch.inference_mode():
+        expected = model(**inputs_for(0))
+    first = block_tensors(list(model.transformer_blocks)[1])
+    mm = BudgetManagement(budget=sum(t.nbytes for t in first))  # room for block 1 only
+    api = cpu_pinned_cuda(bridge, mm)
+    with caplog.at_level(logging.INFO, logger="StepVideo"):
+        out = run_streamed(model, api, blocks_on_device=1)
+    assert api.pinned == len(first) and api.refused == 3 * len(first) and len(mm.asked) == 4 * len(first)
+    assert torch.equal(out, expected)
+    lines = [r for r in caplog.records if "pageable" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "budget is used up" in lines[0].getMessage()
+
+    off = BudgetManagement(budget=-1)  # --disable-pinned-memory, or no CUDA: nothing pinned, said once at INFO
+    caplog.clear()
+    api = cpu_pinned_cuda(bridge, off)
+    with caplog.at_level(logging.INFO, logger="StepVideo"):
+        assert torch.equal(run_streamed(model, api, blocks_on_device=1), expected)
+    lines = [r for r in caplog.records if "pageable" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO and "is off" in lines[0].getMessage()
+    assert api.pinned == 0 and api.refused == 4 * len(first)
+
+
+def test_sampler_node_hands_the_bridge_cuda_api_to_the_streamer(bridge, sampler_mod, types_mod, dit, fake_gpu,
+                                                                 sample_calls, monkeypatch):
+    from stepvideo_core.offload.planner import GiB
+    from stepvideo_core.offload.streamer import TorchCuda
+    from tests.core.sampling.conftest import conditioning
+    from tests.nodes.test_sampler_node import run
+
+    sentinel = TorchCuda()
+    monkeypatch.setattr(bridge, "cuda_api", lambda: sentinel)
+    fake_gpu(80 * GiB)
+    handle = types_mod.StepVideoModelHandle(transformer=dit, dtype=torch.float32, device=torch.device("cuda", 0),
+                                            offload_device=torch.device("cpu"), attention="sdpa",
+                                            source=__import__("pathlib").Path("tiny"), blocks_on_device="1")
+    run(sampler_mod, handle, conditioning(1), conditioning(2))
+    call = sample_calls[-1]
+    assert call["cuda_api"] is sentinel and call["streamer"].cuda is sentinel

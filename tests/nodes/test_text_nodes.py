@@ -137,3 +137,133 @@ def test_free_vram_bridge(bridge, monkeypatch):
     fake = types.SimpleNamespace(get_free_memory=lambda device: 123 << 20)
     monkeypatch.setitem(bridge._MODULES, "comfy.model_management", fake)
     assert bridge.free_vram(torch.device("cuda:0")) == 123 << 20
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_loader_returns_a_handle_without_comfyui_management(text_mod, types_mod, root):
+    handle, summary = load(text_mod, root, root)
+    assert isinstance(handle, types_mod.StepVideoTextEncoderHandle)
+    assert handle.patcher is None and handle.keep_in_ram is True and "ComfyUI-managed" not in summary
+    assert handle.device == handle.encoder.device and handle.plan == "auto"  # read through to the encoder
+    bare = text_mod.StepVideoTextEncode().encode(text_encoder=handle.encoder, prompt="cat", add_magic=False)
+    assert bare["result"][0].encoder_hidden_states.shape == (1, 320, 96)  # a bare core encoder still works
+
+
+def released(encoder) -> bool:
+    tensors = [*encoder.llm.parameters(), *encoder.clip.parameters()]
+    return all(t.is_meta for t in tensors)
+
+
+def test_memory_node_releases_after_each_encode_and_the_cache_still_answers(text_mod, root):
+    handle, _ = load(text_mod, root, root)
+    encoder = handle.encoder
+    reference = text_mod.StepVideoTextEncode().encode(text_encoder=handle, prompt="a dog", add_magic=False)
+    assert not released(encoder)  # keep_in_ram (the default): the weights stay
+    memory = text_mod.StepVideoTextEncoderMemory
+    assert memory.INPUT_TYPES()["required"]["keep_in_ram"][1]["default"] is False
+    out = memory().apply(text_encoder=handle, keep_in_ram=False)
+    low = out["result"][0]
+    assert low.encoder is encoder and low.keep_in_ram is False and handle.keep_in_ram is True
+    assert "dropped after each encode" in out["ui"]["text"][0]
+
+    first = text_mod.StepVideoTextEncode().encode(text_encoder=low, prompt=PROMPT, add_magic=False)
+    assert released(encoder) and encoder.weights_released and "weights released" in first["ui"]["text"][0]
+    again = text_mod.StepVideoTextEncode().encode(text_encoder=low, prompt=PROMPT, add_magic=False)
+    text = again["ui"]["text"][0]
+    assert "from cache" in text and "read again" not in text and released(encoder)
+    assert torch.equal(again["result"][0].encoder_hidden_states, first["result"][0].encoder_hidden_states)
+
+    encoder.clear_cache()  # "a dog" is no longer cached: the weights are read again, then dropped again
+    fresh = text_mod.StepVideoTextEncode().encode(text_encoder=low, prompt="a dog", add_magic=False)
+    assert "read again from disk" in fresh["ui"]["text"][0] and released(encoder)
+    for key, value in reference["result"][0].dit_inputs().items():
+        assert torch.equal(fresh["result"][0].dit_inputs()[key], value), key  # the same files: bit for bit
+
+    kept = memory().apply(text_encoder=low, keep_in_ram=True)["result"][0]
+    text_mod.StepVideoTextEncode().encode(text_encoder=kept, prompt="a fox", add_magic=False)
+    assert not released(encoder) and "kept in RAM" in memory().apply(kept, True)["ui"]["text"][0]
+
+
+def test_an_encoder_that_cannot_reread_its_weights_is_not_released(text_mod, root):
+    handle, _ = load(text_mod, root, root)
+    enc = handle.encoder
+    bare = text_mod.StepVideoTextEncoder(enc.llm, enc.tokenizer, enc.clip, device="cpu")  # built from modules
+    with pytest.raises(ValueError, match="cannot read its weights again"):
+        text_mod.StepVideoTextEncoderMemory().apply(text_encoder=bare, keep_in_ram=False)
+    kept = text_mod.StepVideoTextEncoderMemory().apply(text_encoder=bare, keep_in_ram=True)["result"][0]
+    assert kept.encoder is bare and not released(enc)
+
+
+def test_keep_in_ram_off_releases_also_after_an_interrupted_encode(text_mod, bridge, root):
+    handle, _ = load(text_mod, root, root)
+    low = text_mod.StepVideoTextEncoderMemory().apply(text_encoder=handle, keep_in_ram=False)["result"][0]
+    bridge.request_interrupt(True)
+    with pytest.raises(bridge.StepVideoInterrupted):
+        text_mod.StepVideoTextEncode().encode(text_encoder=low, prompt="stopped", add_magic=False)
+    assert released(handle.encoder) and not handle.encoder.is_cached("stopped")
+
+
+def test_streaming_room_is_freed_before_a_gpu_encode(text_mod, bridge, root, monkeypatch):
+    """Outside ComfyUI an encode on an accelerator frees one layer's streaming room first (nothing else moves)."""
+    handle, _ = load(text_mod, root, root)
+    freed = []
+    monkeypatch.setattr(bridge, "free_memory", lambda need=None, device=None: freed.append((need, device)))
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(handle.encoder, "device", torch.device("cpu"))
+    text_mod.place_weights(handle)
+    assert freed == []  # a CPU encode needs no VRAM
+    monkeypatch.setattr(handle.encoder, "device", cuda)
+    text_mod.place_weights(handle)
+    assert freed[-1] == (text_mod.stream_bytes(handle.encoder.llm, 1, text_mod.MAX_LENGTH), cuda)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_release_gives_the_weights_back_to_the_system(text_mod, models_dir):
+    """RSS with a mid-size Step-LLM (6 x 1024, 0.27 GiB in fp32), outside ComfyUI: an encode with keep_in_ram
+    off leaves about the weights' size less resident; a cached prompt reads nothing back."""
+    import gc
+
+    psutil = pytest.importorskip("psutil")
+    te = models_dir / "text_encoders" / "mid"
+    write_tiny_step_llm(te / "step_llm", config=dict(hidden_size=1024, num_layers=6, num_attention_heads=8,
+                                                     num_attention_groups=2, ffn_hidden_size=2816,
+                                                     padded_vocab_size=4096))
+    write_tiny_hunyuan_clip(te / "hunyuan_clip")
+    handle, _ = load(text_mod, "mid", "mid")
+    weights = handle.encoder.weight_bytes()
+    low = text_mod.StepVideoTextEncoderMemory().apply(text_encoder=handle, keep_in_ram=False)["result"][0]
+    gc.collect()
+    loaded = psutil.Process().memory_info().rss
+    text_mod.StepVideoTextEncode().encode(text_encoder=low, prompt=PROMPT, add_magic=False)
+    gc.collect()
+    after = psutil.Process().memory_info().rss
+    assert loaded - after > 0.8 * weights, (loaded - after, weights)
+    again = text_mod.StepVideoTextEncode().encode(text_encoder=low, prompt=PROMPT, add_magic=False)
+    assert "from cache" in again["ui"]["text"][0] and psutil.Process().memory_info().rss - after < 0.1 * weights
+
+
+@pytest.mark.parametrize("plan, load_on_gpu, loads", [
+    ("resident", True, [("working", True)]),   # every weight on the GPU, plus the activations
+    ("auto", True, [("streaming", False)]),    # what fits; one layer's streaming room kept free
+    ("stream", False, [(0, False)]),           # accounted in RAM where it rests; room for one layer freed
+    ("cpu", False, [(0, False)]),
+])
+def test_inside_comfyui_the_plan_decides_what_comfyui_loads(text_mod, types_mod, bridge, root, monkeypatch, plan,
+                                                            load_on_gpu, loads):
+    handle, _ = load(text_mod, root, root, device_plan=plan)
+    encoder, cuda, cpu = handle.encoder, torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(encoder, "device", cuda)
+    assert text_mod.patcher_load_device(encoder, cpu) == (cuda if load_on_gpu else cpu)
+    patcher = types.SimpleNamespace(load_device=text_mod.patcher_load_device(encoder, cpu))
+    managed = types_mod.StepVideoTextEncoderHandle(encoder=encoder, patcher=patcher)
+    calls, freed = [], []
+    monkeypatch.setattr(bridge, "load_models", lambda p, memory_required=0, full=False:
+                        calls.append((p, memory_required, full)))
+    monkeypatch.setattr(bridge, "free_memory", lambda need=None, device=None: freed.append((need, device)))
+    text_mod.place_weights(managed)
+    sizes = {"working": text_mod.activation_bytes(encoder.llm.config, 1, text_mod.MAX_LENGTH, encoder.dtype)
+             + text_mod.DEFAULT_HEADROOM, "streaming": text_mod.stream_bytes(encoder.llm, 1, text_mod.MAX_LENGTH)}
+    assert calls == [([patcher], sizes.get(need, need), full) for need, full in loads]
+    assert freed == ([(sizes["streaming"], cuda)] if plan == "stream" else [])

@@ -128,3 +128,25 @@ def test_interrupt_inside_a_chunk(vae_mod, handle, bridge, progress):
         press.remove()
         later.remove()
     assert progress.updates == [("new", 3)] and stages_after == [] and not bridge.interrupt_requested()
+
+
+def test_outside_comfyui_the_handle_has_no_patcher_and_the_vae_rests_home(vae_mod, handle):
+    assert handle.patcher is None
+    (images,) = vae_mod.StepVideoVAEDecode().decode(vae=handle, samples={"samples": torch.zeros(1, 8, 3, 1, 1)})
+    assert images.shape == (17, 16, 16, 3) and handle.vae.device == handle.offload_device
+
+
+def test_a_managed_vae_is_loaded_by_comfyui_not_moved_by_the_node(vae_mod, handle, bridge, monkeypatch):
+    """With a patcher, the node asks ComfyUI to load it (every weight, plus working memory) and leaves it loaded."""
+    import dataclasses
+
+    modules = vae_mod.VAEModules(handle.vae)
+    patcher = types.SimpleNamespace(model=modules, load_device=handle.device, offload_device=handle.offload_device)
+    managed = dataclasses.replace(handle, device=torch.device("cuda", 0), patcher=patcher)
+    calls, moves = [], []
+    monkeypatch.setattr(bridge, "load_models", lambda p, memory_required=0, full=False:
+                        calls.append((p, memory_required, full)))
+    monkeypatch.setattr(handle.vae, "to", lambda *a, **k: moves.append(a))
+    out = vae_mod.run_on_device(managed, lambda vae: "done")
+    weights = sum(p.nbytes for p in handle.vae.parameters())
+    assert out == "done" and calls == [([patcher], vae_mod.WORK_FACTOR * weights, True)] and moves == []
