@@ -52,7 +52,7 @@ def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> d
     """
     common = dict(device=handle.device, compute_dtype=handle.dtype, weight_format=handle.weight_format,
                   attention=handle.attention, width=width, height=height, frames=frames, guided=guided)
-    if handle.device.type != "cpu" and str(handle.blocks_on_device) != "all":
+    if handle.device.type != "cpu":  # also for "all": other models (e.g. the text encoder) may hold the GPU
         wanted = core_plan_blocks(handle.config, blocks_on_device=handle.config.num_layers, free_bytes=1 << 62,
                                   **common)
         bridge.free_memory(wanted["peak_bytes"] + wanted["reserve_bytes"], handle.device)
@@ -137,12 +137,12 @@ class StepVideoSampler:
         guided = run["cfg"] > 1.0
         pos = conditioning_dict(positive, "positive")
         neg = conditioning_dict(negative, "negative") if guided else None
+        factors = preview_factors(preview_vae)  # before planning: fitting may load the VAE onto the GPU
         plan = plan_blocks(model, width, height, frames, guided)
         check_plan(plan)
         transformer = model.transformer
         transformer.attention_backend = model.attention
         streamed = plan["blocks_on_device"] < model.config.num_layers
-        factors = preview_factors(preview_vae)
         progress = bridge.progress_bar(run["steps"])
 
         def on_step(i, n, latents):
