@@ -1,8 +1,9 @@
 """ComfyUI nodes of the StepVideo pack: one module per node family, merged here."""
 
-from . import lora, model, sampler, text, vae
+from . import lora, model, native, sampler, text, vae
 
-_FAMILIES = (model, text, vae, sampler, lora)
+# `native` (Step-Video as a ComfyUI MODEL) registers its nodes only inside ComfyUI.
+_FAMILIES = (model, text, vae, sampler, lora, native)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

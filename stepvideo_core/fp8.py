@@ -196,12 +196,21 @@ class ScaledFp8Linear(ops.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_fp8:
             return super().forward(x)
+        return self.fp8_linear(x, self.weight, self.scale_weight, self.bias)
+
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """This layer's fp8 product with explicit tensors: ``weight`` fp8 [out, in], ``scale`` fp32 [out].
+
+        :meth:`forward` passes the layer's own; a caller that fetched copies first (e.g. onto the
+        compute device, as ComfyUI's partial loading does) gets exactly the same arithmetic.
+        """
         y = None
         if self._use_matmul(x):
             x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
             try:
-                y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale,
-                                     scale_b=self.scale_weight.reshape(1, -1), out_dtype=x.dtype)
+                y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale,
+                                     scale_b=scale.reshape(1, -1), out_dtype=x.dtype)
             except RuntimeError as exc:  # a shape or layout this build's kernel refuses
                 if self.matmul_mode == "matmul":
                     raise
@@ -212,9 +221,9 @@ class ScaledFp8Linear(ops.Linear):
             if y is not None:
                 y = y.reshape(*x.shape[:-1], self.out_features)
         if y is None:
-            y = F.linear(x, dequantize_weight(self.weight, self.scale_weight, x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y = F.linear(x, dequantize_weight(weight, scale, x.dtype))
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y
 
 

@@ -17,9 +17,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # in place when x.float() made a copy (same values, one fp32 buffer fewer); never on x itself
-        normed = xf.mul_(scale) if xf is not x else xf * scale
-        out = normed.type_as(x)
-        return out.mul_(self.weight) if out is not x else out * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:class:`RMSNorm`'s arithmetic with an explicit ``weight`` (a layer that fetches its weight
+    from elsewhere first, e.g. ComfyUI's partial loading, computes exactly the same values)."""
+    xf = x.float()
+    scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # in place when x.float() made a copy (same values, one fp32 buffer fewer); never on x itself
+    normed = xf.mul_(scale) if xf is not x else xf * scale
+    out = normed.type_as(x)
+    return out.mul_(weight) if out is not x else out * weight

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .layers import RMSNorm
+
 
 class _NoInit:
     """Mixin: leave parameters uninitialised (they are loaded from a checkpoint)."""
@@ -52,4 +54,5 @@ class plain:  # noqa: N801 - a namespace, named like ComfyUI's op families
     Conv3d = Conv3d
     LayerNorm = LayerNorm
     GroupNorm = GroupNorm
+    RMSNorm = RMSNorm  # StepFun's RMS norm (fp32 statistics), ``RMSNorm(dim, eps, device=, dtype=)``
 

@@ -15,7 +15,6 @@ from torch import nn
 
 from .. import ops as default_ops
 from ..attention import attention
-from ..layers import RMSNorm
 from .config import BLOCK_NORM_EPS, QK_NORM_EPS
 from .rope import apply_rope
 
@@ -32,8 +31,8 @@ class SelfAttention(nn.Module):
         self.n_heads = dim // head_dim
         self.wqkv = operations.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
         self.wo = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
-        self.q_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
-        self.k_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
+        self.q_norm = operations.RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
+        self.k_norm = operations.RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple, backend: str = "sdpa") -> torch.Tensor:
         """x [B, L, D] -> [B, L, D]; no mask (every video token sees every other)."""
@@ -60,8 +59,8 @@ class CrossAttention(nn.Module):
         self.wq = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
         self.wkv = operations.Linear(dim, 2 * dim, bias=False, device=device, dtype=dtype)
         self.wo = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
-        self.q_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
-        self.k_norm = RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
+        self.q_norm = operations.RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
+        self.k_norm = operations.RMSNorm(head_dim, QK_NORM_EPS, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: Optional[torch.Tensor],
                 backend: str = "sdpa") -> torch.Tensor:
@@ -121,7 +120,8 @@ class StepVideoBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, t6: torch.Tensor, rope: tuple,
                 mask: Optional[torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
         """x [B, L, D]; context [B, S, D]; t6 [B, 6D] from AdaLN-single -> [B, L, D]."""
-        modulation = self.scale_shift_table[None] + t6.reshape(-1, 6, self.dim)
+        # .to(): a no-op unless the table rests elsewhere than the activations (ComfyUI's partial loading)
+        modulation = self.scale_shift_table.to(t6.device)[None] + t6.reshape(-1, 6, self.dim)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
         # Each line is the official expression evaluated in place on a fresh tensor: the same

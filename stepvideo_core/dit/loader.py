@@ -167,7 +167,8 @@ def resolve_weight_format(weight_format: str, index: TensorIndex) -> str:
 
 def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
                      device: Union[str, torch.device] = "cpu", attention: str = "sdpa",
-                     operations=default_ops.plain, weight_format: str = "auto") -> StepVideoTransformer:
+                     operations=default_ops.plain, weight_format: str = "auto",
+                     model_class: type = StepVideoTransformer) -> StepVideoTransformer:
     """Load a Step-Video DiT from ``path`` (folder or file, see module docstring).
 
     Returns the model in eval mode on ``device`` with weights in ``dtype``, except
@@ -175,7 +176,9 @@ def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
     in fp8 with per-channel scales (quantised while loading a full-precision file,
     kept as they are from a pre-quantised one).  "auto" (the default) follows the
     file; "full" dequantises a pre-quantised file to ``dtype``.  ``model.weight_format``
-    records the result.  Raises CheckpointError (a ValueError) naming what is wrong
+    records the result.  ``operations`` replaces the layer family (with fp8 its ``Linear``
+    must be a :class:`~stepvideo_core.fp8.ScaledFp8Linear`) and ``model_class`` the
+    :class:`StepVideoTransformer` class (a subclass; see :func:`build_transformer`).  Raises CheckpointError (a ValueError) naming what is wrong
     before reading any weight when the files do not fit.
     """
     index, config_path = find_transformer_files(path)
@@ -185,7 +188,7 @@ def load_transformer(path: PathLike, dtype: torch.dtype = torch.float32,
     use_fp8 = "fp8_scaled" in (weight_format, file_format)
     if use_fp8 and operations is default_ops.plain:
         operations = fp8.scaled_fp8
-    model = build_transformer(config, device="meta", dtype=dtype, operations=operations)
+    model = build_transformer(config, device="meta", dtype=dtype, operations=operations, model_class=model_class)
     take = None
     if use_fp8:
         try:

@@ -213,7 +213,7 @@ class StepVideoTransformer(nn.Module):
         p, c = self.config.patch_size, self.config.out_channels
         x = x.reshape(batch * frames, h * w, -1)
         embedded = embedded.repeat_interleave(frames, dim=0)
-        shift, scale = (self.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
+        shift, scale = (self.scale_shift_table.to(embedded.device)[None] + embedded[:, None]).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x).mul_(1 + scale).add_(shift))  # in place, same values
         x = x.reshape(batch * frames, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(batch, frames, c, h * p, w * p)
@@ -221,14 +221,18 @@ class StepVideoTransformer(nn.Module):
 
 def build_transformer(config: Union[None, Mapping[str, Any], StepVideoDiTConfig] = None,
                       device: Union[str, torch.device] = "meta", dtype: Optional[torch.dtype] = None,
-                      operations=default_ops.plain) -> StepVideoTransformer:
+                      operations=default_ops.plain, model_class: type = StepVideoTransformer) -> StepVideoTransformer:
     """The DiT without weights (``meta`` by default: no memory) for ``config``.
 
     ``None`` gives the released 30B config; a dict takes config.json's keys.
-    Weights on a real device are uninitialised until loaded.
+    Weights on a real device are uninitialised until loaded.  ``model_class`` is
+    :class:`StepVideoTransformer` or a subclass of it (same modules and names, e.g. one
+    adding another calling convention on top).
     """
     if config is None:
         config = StepVideoDiTConfig()
     elif not isinstance(config, StepVideoDiTConfig):
         config = StepVideoDiTConfig.from_dict(config)
-    return StepVideoTransformer(config, operations=operations, device=device, dtype=dtype).eval()
+    if not (isinstance(model_class, type) and issubclass(model_class, StepVideoTransformer)):
+        raise TypeError(f"model_class must be StepVideoTransformer or a subclass, got {model_class!r}")
+    return model_class(config, operations=operations, device=device, dtype=dtype).eval()

@@ -33,6 +33,33 @@ def test_pack_imports_in_a_clean_interpreter_without_comfyui():
     assert "StepVideoModelLoader" in result.stdout
 
 
+def test_native_family_is_not_offered_without_comfyui():
+    """Without ComfyUI the native family (a ComfyUI MODEL) imports but registers nothing, and imports no ComfyUI."""
+    code = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        root = {str(REPO_ROOT)!r}
+        spec = importlib.util.spec_from_file_location("pack_without_comfy", root + "/__init__.py",
+                                                      submodule_search_locations=[root])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        native = sys.modules["pack_without_comfy.nodes.native"]
+        print(json.dumps({{"ids": sorted(mod.NODE_CLASS_MAPPINGS), "native": sorted(native.NODE_CLASS_MAPPINGS),
+                          "offered": sorted(native._NODES), "native_model": "pack_without_comfy.nodes.native_model"
+                          in sys.modules, "comfy": sorted(m for m in sys.modules if m.split(".")[0] in
+                          ("comfy", "comfy_api", "comfy_extras", "folder_paths"))}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["native"] == [] and found["native_model"] is False and found["comfy"] == []
+    assert "StepVideoNativeModelLoader" in found["offered"] and "StepVideoScheduler" in found["offered"]
+    assert not set(found["offered"]) & set(found["ids"])
+    assert "StepVideoSampler" in found["ids"]
+
+
 def test_registration_exports(pack):
     assert isinstance(pack.NODE_CLASS_MAPPINGS, dict) and pack.NODE_CLASS_MAPPINGS
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) <= set(pack.NODE_CLASS_MAPPINGS)

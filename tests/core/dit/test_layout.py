@@ -3,6 +3,7 @@
 import torch
 
 from stepvideo_core.dit import blocks
+from stepvideo_core import layers
 from stepvideo_core.dit.rope import apply_rope, rope_tables
 
 
@@ -55,7 +56,7 @@ def test_wqkv_rows_are_interleaved_per_head(monkeypatch):
     seen = {}
     monkeypatch.setattr(blocks, "apply_rope", lambda x, rope: x)
     monkeypatch.setattr(blocks, "attention", lambda q, k, v, **kw: seen.update(q=q, k=k, v=v) or v)
-    monkeypatch.setattr(blocks.RMSNorm, "forward", lambda self, x: x)
+    monkeypatch.setattr(layers.RMSNorm, "forward", lambda self, x: x)
     x = torch.zeros(1, 1, dim)
     x[..., 0] = 1.0
     attn(x, rope=None)
@@ -76,7 +77,7 @@ def test_wkv_rows_are_interleaved_per_head(monkeypatch):
     cross.wo.weight.data = torch.eye(dim)
     seen = {}
     monkeypatch.setattr(blocks, "attention", lambda q, k, v, **kw: seen.update(k=k, v=v) or q)
-    monkeypatch.setattr(blocks.RMSNorm, "forward", lambda self, x: x)
+    monkeypatch.setattr(layers.RMSNorm, "forward", lambda self, x: x)
     context = torch.zeros(1, 3, dim)
     context[..., 0] = 1.0
     cross(torch.zeros(1, 2, dim), context, mask=None)
