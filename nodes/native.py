@@ -280,7 +280,9 @@ class StepVideoNoise:
 
 # --------------------------------------------------------------------------- registration
 
-_NODES = {
+# node id -> (class, display name): every node of the family, registered below when ComfyUI is there
+# (workflows/build.py reads it without ComfyUI to write the native workflows).
+NATIVE_NODES = {
     "StepVideoNativeModelLoader": (StepVideoNativeModelLoader, "StepVideo Native Model Loader"),
     "StepVideoNativeTextEncode": (StepVideoNativeTextEncode, "StepVideo Native Text Encode"),
     "StepVideoNativeConditioning": (StepVideoNativeConditioning, "StepVideo Native Conditioning"),
@@ -290,8 +292,8 @@ _NODES = {
 }
 
 if comfy_available():
-    NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}
-    NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in _NODES.items()}
+    NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NATIVE_NODES.items()}
+    NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NATIVE_NODES.items()}
 else:  # plain Python (tests, scripts): a MODEL needs ComfyUI, so the family is not offered
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}

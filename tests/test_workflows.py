@@ -20,7 +20,9 @@ from stepvideo_core.text.encoder import NEGATIVE_PROMPT
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-NAMES = ("stepvideo_t2v", "stepvideo_t2v_turbo", "stepvideo_t2v_24gb")
+NAMES = ("stepvideo_t2v", "stepvideo_t2v_turbo", "stepvideo_t2v_24gb", "stepvideo_t2v_native",
+         "stepvideo_t2v_24gb_native")
+NATIVE = {"stepvideo_t2v_native": "stepvideo_t2v", "stepvideo_t2v_24gb_native": "stepvideo_t2v_24gb"}  # -> one-node twin
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 # Core ComfyUI nodes (v0.33, frontend 1.49.6), written out here: sockets and widgets in UI order.
@@ -33,9 +35,18 @@ CORE = {
                                ("format.codec", ["auto", "h264", "av1"]),
                                ("format.codec.encoding", ["auto", "re-encode"]), ("codec", ["auto", "h264", "av1"])]),
     "Note": dict(inputs={}, required=set(), outputs=[], widgets=[("text", ("STRING",))], virtual=True),
+    "KSamplerSelect": dict(inputs={}, required=set(), outputs=[("SAMPLER", "SAMPLER")],
+                           widgets=[("sampler_name", ["euler", "uni_pc", "dpmpp_2m", "res_multistep"])]),
+    "CFGGuider": dict(inputs={"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING"},
+                      required={"model", "positive", "negative"}, outputs=[("GUIDER", "GUIDER")],
+                      widgets=[("cfg", ("FLOAT", 0.0, 100.0))]),
+    "SamplerCustomAdvanced": dict(inputs={"noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER",
+                                          "sigmas": "SIGMAS", "latent_image": "LATENT"},
+                                  required={"noise", "guider", "sampler", "sigmas", "latent_image"},
+                                  outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], widgets=[]),
 }
 # Model-file combos list what is installed; the workflows use the names the README documents.
-MODEL_FILE_INPUTS = {("StepVideoModelLoader", "model"), ("StepVideoTextEncoderLoader", "step_llm"),
+MODEL_FILE_INPUTS = {("StepVideoModelLoader", "model"), ("StepVideoNativeModelLoader", "model"), ("StepVideoTextEncoderLoader", "step_llm"),
                      ("StepVideoTextEncoderLoader", "hunyuan_clip"), ("StepVideoVAELoader", "vae_name"),
                      ("StepVideoLoraLoader", "lora_name")}
 
@@ -62,12 +73,19 @@ def documented_models(models_dir):
     return models_dir
 
 
+def pack_classes(pack) -> dict:
+    """Every node the pack offers inside ComfyUI (outside it, the native family is not registered)."""
+    native = importlib.import_module(f"{pack.__name__}.nodes.native")
+    return {**{i: cls for i, (cls, _) in native.NATIVE_NODES.items()}, **pack.NODE_CLASS_MAPPINGS}
+
+
 def schema(pack, node_type: str) -> dict:
     """Sockets (name -> type, in order), required sockets, outputs [(name, type)] and widgets [(name, spec)]."""
     if node_type in CORE:
         return CORE[node_type]
-    assert node_type in pack.NODE_CLASS_MAPPINGS, f"unknown node type {node_type}"
-    cls = pack.NODE_CLASS_MAPPINGS[node_type]
+    classes = pack_classes(pack)
+    assert node_type in classes, f"unknown node type {node_type}"
+    cls = classes[node_type]
     inputs, required, widgets = {}, set(), []
     for section in ("required", "optional"):
         for name, spec in cls.INPUT_TYPES().get(section, {}).items():
@@ -143,9 +161,9 @@ def test_ui_graph_is_valid_for_the_pack(pack, documented_models, name):
         assert node["widgets_values_named"] == dict(zip([w for w, _ in widgets], node["widgets_values"]))
         for (widget, spec), value in zip(widgets, node["widgets_values"]):
             check_value(node["type"], widget, spec, value)
-        if node["type"] in pack.NODE_CLASS_MAPPINGS:
+        if node["type"] in pack_classes(pack):
             assert node["properties"]["Node name for S&R"] == node["type"]
-            live = dict(pack.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()["required"])
+            live = dict(pack_classes(pack)[node["type"]].INPUT_TYPES()["required"])
             for widget, value in node["widgets_values_named"].items():
                 if (node["type"], widget) in MODEL_FILE_INPUTS:
                     assert value in live[widget][0], f"{widget} {value!r} not found in the documented layout"
@@ -201,6 +219,39 @@ def test_each_workflow_does_its_job():
         note = wf["Note"]["text"]
         for where in ("models/diffusion_models/", "models/text_encoders/", "models/vae/stepvideo/vae_v2.safetensors"):
             assert where in note
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_native_twin_runs_the_one_node_workflows_settings(name):
+    """Same models, prompts, seed, size, steps, cfg and shift as its one-node twin, on the official schedule
+    and the pack's noise (the two nodes that make core sampling give the one-node path's video)."""
+    native, twin = widgets(name), widgets(NATIVE[name])
+    sampler = twin["StepVideoSampler"]
+    assert native["StepVideoEmptyLatent"] == dict(width=sampler["width"], height=sampler["height"],
+                                                  frames=sampler["frames"], batch_size=1)
+    assert (native["StepVideoScheduler"]["steps"], native["StepVideoScheduler"]["shift"]) == (sampler["steps"],
+                                                                                             sampler["shift"])
+    assert native["StepVideoScheduler"]["denoise"] == 1.0 and native["CFGGuider"]["cfg"] == sampler["cfg"]
+    assert native["StepVideoNoise"]["noise_seed"] == sampler["seed"]
+    assert native["KSamplerSelect"]["sampler_name"] == "euler"  # the official solver
+    for key in ("model", "weight_dtype", "attention"):
+        assert native["StepVideoNativeModelLoader"][key] == twin["StepVideoModelLoader"][key]
+    assert native["StepVideoTextEncoderLoader"] == twin["StepVideoTextEncoderLoader"]
+    assert native["StepVideoVAELoader"] == twin["StepVideoVAELoader"]
+    assert native["StepVideoNativeTextEncode"] == twin["StepVideoTextEncode"]
+    assert native["StepVideoNegativeTextEncode"] == twin["StepVideoNegativeTextEncode"]
+    assert native["SaveVideo"]["filename_prefix"] == twin["SaveVideo"]["filename_prefix"] + "_native"
+
+
+def test_the_24gb_native_workflow_releases_the_text_encoder():
+    graph = {n["type"]: n for n in load("stepvideo_t2v_24gb_native")["nodes"]}
+    links = {link[0]: link for link in load("stepvideo_t2v_24gb_native")["links"]}
+    memory = graph["StepVideoTextEncoderMemory"]
+    assert memory["widgets_values_named"] == {"keep_in_ram": False}
+    for encoder in ("StepVideoNativeTextEncode", "StepVideoNegativeTextEncode"):
+        (socket,) = [s for s in graph[encoder]["inputs"] if s["name"] == "text_encoder"]
+        assert links[socket["link"]][1] == memory["id"], encoder
+    assert "StepVideoTextEncoderMemory" not in widgets("stepvideo_t2v_native")
 
 
 def test_model_names_are_documented_in_the_readme():

@@ -17,6 +17,7 @@ workflow.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import sys
@@ -52,6 +53,35 @@ CORE_NODES = {
     },
     "Note": {"title": "Note", "virtual": True, "inputs": [], "outputs": [],
              "widgets": [("text", {"type": "STRING", "default": ""})]},
+    # The native workflows' sampling: comfy_extras/nodes_custom_sampler.py of v0.33.
+    "KSamplerSelect": {
+        "title": "KSamplerSelect",
+        "inputs": [],
+        "outputs": [("SAMPLER", "SAMPLER")],
+        "widgets": [("sampler_name", {"options": [
+            "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+            "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+            "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+            "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu",
+            "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
+            "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+            "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim",
+            "uni_pc", "uni_pc_bh2"]})],
+    },
+    "CFGGuider": {
+        "title": "CFG Guider",
+        "inputs": [("model", "MODEL", False), ("positive", "CONDITIONING", False),
+                   ("negative", "CONDITIONING", False)],
+        "outputs": [("GUIDER", "GUIDER")],
+        "widgets": [("cfg", {"type": "FLOAT", "min": 0.0, "max": 100.0, "default": 8.0})],
+    },
+    "SamplerCustomAdvanced": {
+        "title": "SamplerCustomAdvanced",
+        "inputs": [("noise", "NOISE", False), ("guider", "GUIDER", False), ("sampler", "SAMPLER", False),
+                   ("sigmas", "SIGMAS", False), ("latent_image", "LATENT", False)],
+        "outputs": [("output", "LATENT"), ("denoised_output", "LATENT")],
+        "widgets": [],
+    },
 }
 CONTROL_AFTER_GENERATE = ("fixed", "increment", "decrement", "randomize")
 
@@ -79,6 +109,23 @@ def import_pack():
     return module
 
 
+def pack_node_classes(pack) -> dict:
+    """Node id -> class of every node the pack offers inside ComfyUI.
+
+    Imported here without ComfyUI, the pack registers all but its native family (a ComfyUI ``MODEL``
+    needs ComfyUI's model code); its classes are in :data:`nodes.native.NATIVE_NODES` all the same.
+    """
+    native = importlib.import_module(f"{pack.__name__}.nodes.native")
+    classes = {node_id: cls for node_id, (cls, _) in native.NATIVE_NODES.items()}
+    return {**classes, **pack.NODE_CLASS_MAPPINGS}
+
+
+def node_title(pack, node_type: str) -> str:
+    native = importlib.import_module(f"{pack.__name__}.nodes.native")
+    names = {node_id: name for node_id, (_, name) in native.NATIVE_NODES.items()}
+    return {**names, **pack.NODE_DISPLAY_NAME_MAPPINGS}.get(node_type, node_type)
+
+
 def node_schema(node_type: str, pack=None) -> dict:
     """Sockets and widgets of ``node_type`` in the shape of :data:`CORE_NODES` (pack nodes from INPUT_TYPES).
 
@@ -89,7 +136,7 @@ def node_schema(node_type: str, pack=None) -> dict:
     if node_type in CORE_NODES:
         return CORE_NODES[node_type]
     pack = pack or import_pack()
-    cls = pack.NODE_CLASS_MAPPINGS[node_type]
+    cls = pack_node_classes(pack)[node_type]
     declared = cls.INPUT_TYPES()
     inputs, widgets = [], []
     for section in ("required", "optional"):
@@ -105,8 +152,7 @@ def node_schema(node_type: str, pack=None) -> dict:
             else:
                 inputs.append((name, kind, section == "optional"))
     outputs = list(zip(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), cls.RETURN_TYPES))
-    title = pack.NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type)
-    return {"title": title, "inputs": inputs, "outputs": outputs, "widgets": widgets}
+    return {"title": node_title(pack, node_type), "inputs": inputs, "outputs": outputs, "widgets": widgets}
 
 
 # --------------------------------------------------------------------------- the description
@@ -146,6 +192,67 @@ def graph(model: str, weight_dtype: str, blocks: str, device_plan: str, preset: 
     ]
 
 
+def native_graph(model: str, weight_dtype: str, device_plan: str, preset: str, note: str, prefix: str,
+                 release_text_encoder: bool, seed: int = 1234) -> list[dict]:
+    """The text-to-video graph on the native MODEL: ComfyUI's own sampling nodes, the pack's model parts.
+
+    SamplerCustomAdvanced with the official schedule (StepVideo Scheduler) and the pack's seeded noise
+    (StepVideo Noise), so a seed gives the same video as the one-node workflow; ``release_text_encoder``
+    puts StepVideo Text Encoder Memory (unload after encode) between the text loader and the encoders.
+    """
+    from stepvideo_core.sampling import PRESETS
+    from stepvideo_core.text.encoder import NEGATIVE_PROMPT
+
+    p = PRESETS[preset]
+    text_encoder = (12, 0) if release_text_encoder else (3, 0)
+    nodes = [
+        dict(id=1, type="Note", pos=[40, 40], size=[560, 250], title="Read me: model files",
+             widgets={"text": note}),
+        dict(id=2, type="StepVideoNativeModelLoader", pos=[40, 330], size=[360, 130],
+             widgets={"model": model, "weight_dtype": weight_dtype, "attention": "sdpa"}),
+        dict(id=3, type="StepVideoTextEncoderLoader", pos=[40, 510], size=[360, 180],
+             widgets={"step_llm": "stepvideo-t2v", "hunyuan_clip": "stepvideo-t2v", "weight_dtype": "default",
+                      "alibi": True, "device_plan": device_plan}),
+        dict(id=4, type="StepVideoVAELoader", pos=[40, 890], size=[360, 90],
+             widgets={"vae_name": "stepvideo/vae_v2.safetensors", "weight_dtype": "default"}),
+        dict(id=5, type="StepVideoNativeTextEncode", pos=[440, 330], size=[420, 220],
+             widgets={"prompt": PROMPT, "add_magic": True}, links={"text_encoder": text_encoder}),
+        dict(id=6, type="StepVideoNegativeTextEncode", pos=[440, 590], size=[420, 200],
+             widgets={"prompt": NEGATIVE_PROMPT}, links={"text_encoder": text_encoder}),
+        dict(id=7, type="StepVideoNativeConditioning", pos=[440, 830], size=[300, 50], links={"conditioning": (6, 0)}),
+        dict(id=8, type="StepVideoEmptyLatent", pos=[900, 330], size=[300, 130],
+             widgets={"width": 992, "height": 544, "frames": 204, "batch_size": 1}),
+        dict(id=9, type="StepVideoScheduler", pos=[900, 500], size=[300, 110],
+             widgets={"steps": p.steps, "shift": p.shift, "denoise": 1.0}),
+        dict(id=10, type="StepVideoNoise", pos=[900, 650], size=[300, 90],
+             widgets={"noise_seed": seed, "control_after_generate": "fixed"}),
+        dict(id=11, type="KSamplerSelect", pos=[900, 780], size=[300, 60], widgets={"sampler_name": "euler"}),
+        dict(id=13, type="CFGGuider", pos=[1240, 330], size=[300, 100], widgets={"cfg": p.cfg},
+             links={"model": (2, 0), "positive": (5, 0), "negative": (7, 0)}),
+        dict(id=14, type="SamplerCustomAdvanced", pos=[1240, 470], size=[300, 120],
+             links={"noise": (10, 0), "guider": (13, 0), "sampler": (11, 0), "sigmas": (9, 0),
+                    "latent_image": (8, 0)}),
+        dict(id=15, type="StepVideoVAEDecode", pos=[1580, 330], size=[300, 110],
+             widgets={"tile_size": 0, "tile_overlap": 8}, links={"vae": (4, 0), "samples": (14, 0)}),
+        dict(id=16, type="CreateVideo", pos=[1580, 480], size=[300, 110],
+             widgets={"fps": 25.0, "bit_depth": 8}, links={"images": (15, 0)}),
+        dict(id=17, type="SaveVideo", pos=[1920, 330], size=[480, 130],
+             widgets={"filename_prefix": prefix, "format": "mp4", "format.codec": "h264",
+                      "format.codec.encoding": "auto", "codec": "auto"}, links={"video": (16, 0)}),
+    ]
+    if release_text_encoder:
+        nodes.append(dict(id=12, type="StepVideoTextEncoderMemory", pos=[40, 740], size=[360, 80],
+                          widgets={"keep_in_ram": False}, links={"text_encoder": (3, 0)}))
+    return sorted(nodes, key=lambda n: n["id"])
+
+
+NATIVE_NOTE = ("The same model files as stepvideo_t2v.json; this graph runs the DiT as a ComfyUI MODEL, so "
+               "ComfyUI's own sampling nodes drive it: swap KSamplerSelect's sampler, put EasyCache or "
+               "LoraLoaderModelOnly after the model loader, or use KSampler instead (its schedulers space the "
+               "steps differently from the official schedule). StepVideo Scheduler and StepVideo Noise make it "
+               "the official run: with the same seed it gives the video of stepvideo_t2v.json.")
+
+
 def workflows() -> dict:
     """name -> node list, for every shipped workflow."""
     return {
@@ -173,6 +280,21 @@ def workflows() -> dict:
                  + FILES_T2V + "\n\nA pre-quantised file loads the same way: python -m stepvideo_core.convert "
                  "<release folder> models/diffusion_models/stepvideo-t2v-fp8_scaled.safetensors, then pick it "
                  "in the model loader. If the VAE decode runs out of memory, set its tile_size (e.g. 16)."),
+        "stepvideo_t2v_native": native_graph(
+            "stepvideo-t2v", "auto", "auto", "Step-Video-T2V", prefix="video/stepvideo_t2v_native",
+            release_text_encoder=False,
+            note="Step-Video-T2V on ComfyUI's own samplers (the native MODEL): 50 steps, cfg 9, shift 13, "
+                 "992x544, 204 frames.\n\n" + NATIVE_NOTE + "\n\n" + FILES_T2V + "\n\nComfyUI loads the DiT: "
+                 "what does not fit the GPU stays in RAM and is copied in layer by layer."),
+        "stepvideo_t2v_24gb_native": native_graph(
+            "stepvideo-t2v", "fp8_scaled", "stream", "Step-Video-T2V", prefix="video/stepvideo_t2v_24gb_native",
+            release_text_encoder=True,
+            note="Step-Video-T2V on a 24 GB GPU with ComfyUI's own samplers: the DiT's block weights in fp8 with "
+                 "per-channel scales (about 30 GB of RAM; ComfyUI keeps on the GPU what fits and copies the rest in "
+                 "layer by layer), the Step-LLM streamed to the GPU one layer at a time (device_plan stream) and "
+                 "dropped from RAM after encoding (StepVideo Text Encoder Memory), so it does not sit beside the DiT "
+                 "while it samples.\n\n" + NATIVE_NOTE + "\n\n" + FILES_T2V + "\n\nIf the VAE decode runs out "
+                 "of memory, set its tile_size (e.g. 16)."),
     }
 
 

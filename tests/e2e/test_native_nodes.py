@@ -178,3 +178,99 @@ def test_native_graph_makes_an_mp4(comfy_server, graph, tmp_path):
     (video,) = result.output_files(".mp4")
     facts = video_facts(comfy_server.view(video), tmp_path)
     assert facts == {"frames": 17, "width": 64, "height": 48, "codec": "h264"}
+
+
+def decoded_frames(comfy_server, result) -> torch.Tensor:
+    """The frames SaveImage wrote for a run (lossless PNG), uint8 [F, H, W, 3], in frame order."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(result.output_files(".png"), key=lambda f: f["filename"])
+    frames = [np.array(Image.open(io.BytesIO(comfy_server.view(f))).convert("RGB")) for f in files]
+    return torch.from_numpy(np.stack(frames))
+
+
+def test_native_workflow_makes_the_one_node_workflows_video(comfy_server):
+    """The shipped native twin and the one-node workflow, same seed and tiny size: the same frames.
+
+    Compared on the decoded frames (SaveImage, lossless), not on the mp4: H.264 turns a one-level
+    difference into a different encoding decision.  Both run in fp32 here, where the latents agree to
+    float rounding (``test_native_parity.py``), so the 8-bit frames may differ by one level at a rounding
+    edge, no more.  In bf16 (the CPU default) they differ by more: core combines CFG in fp32, the
+    one-node sampler in bf16 (``test_bf16_difference_is_cfg_in_fp32_then_bf16_rounding_of_the_latents``).
+    """
+    from tests.e2e.test_comfyui_server import API_WORKFLOWS, load_api, node_id, tiny
+
+    by_name = {p.stem: p for p in API_WORKFLOWS}
+    clips = {}
+    for name in ("stepvideo_t2v", "stepvideo_t2v_native"):
+        prompt = tiny(load_api(by_name[name]), seed=5)
+        for node in prompt.values():
+            if node["class_type"] in ("StepVideoModelLoader", "StepVideoNativeModelLoader", "StepVideoVAELoader"):
+                node["inputs"]["weight_dtype"] = "fp32"
+        prompt["990"] = {"class_type": "SaveImage", "inputs": {"images": [node_id(prompt, "StepVideoVAEDecode"), 0],
+                                                               "filename_prefix": f"compare/{name}"}}
+        result = comfy_server.run(prompt, timeout=600)
+        assert result.status == "success", json.dumps(result.history, indent=1)[-3000:] + comfy_server.log_tail()
+        assert len(result.output_files(".mp4")) == 1
+        clips[name] = decoded_frames(comfy_server, result).int()
+    one_node, native = clips["stepvideo_t2v"], clips["stepvideo_t2v_native"]
+    assert one_node.shape == native.shape == (17, 48, 64, 3)
+    assert (one_node - native).abs().max() <= 1, (one_node != native).float().mean()
+    assert one_node.float().std() > 1  # a real picture, not a flat frame
+
+
+def test_native_core_node_specs_are_those_of_this_comfyui(comfy_server):
+    """workflows/build.py writes the native workflows from its copy of core's node specs: they must be this
+    ComfyUI's (the inputs in order, the widget options and ranges, the outputs)."""
+    import importlib.util
+
+    from tests.e2e.comfy_server import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("workflows_build_e2e", REPO_ROOT / "workflows" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    _, info = comfy_server.get("/object_info")
+    for node_type, ours in build.CORE_NODES.items():
+        if ours.get("virtual"):
+            continue
+        live = info[node_type]
+        declared = {**live["input"].get("required", {}), **live["input"].get("optional", {})}
+        sockets, widgets = [n for n, _, _ in ours["inputs"]], [w for w, _ in ours["widgets"] if "." not in w]
+        assert set(declared) == set(sockets) | set(widgets), node_type
+        assert [n for n in declared if n in widgets] == widgets, node_type  # widgets_values are positional
+        for name, kind, optional in ours["inputs"]:
+            assert declared[name][0] == kind and (name in live["input"].get("optional", {})) == optional
+        for name, wspec in ours["widgets"]:
+            if "." in name:  # SaveVideo's nested widgets, written flat by the frontend
+                continue
+            kind, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+            if "options" in wspec:
+                live_options = kind if isinstance(kind, list) else options.get("options")
+                # a dynamic combo (SaveVideo's format) lists {"key": option, "inputs": nested widgets}
+                live_options = [o["key"] if isinstance(o, dict) else o for o in live_options]
+                assert live_options == wspec["options"], (node_type, name)
+            else:
+                assert kind == wspec["type"], (node_type, name)
+                for bound in ("min", "max", "default"):
+                    if bound in wspec:
+                        assert options.get(bound) == wspec[bound], (node_type, name, bound)
+        assert list(zip(live.get("output_name", []), live["output"])) == [tuple(o) for o in ours["outputs"]], node_type
+
+
+@pytest.mark.parametrize("node_type, name", [("CFGGuider", "cfg"), ("StepVideoScheduler", "shift")])
+def test_a_json_nan_in_a_native_graph_fails_instead_of_a_black_video(comfy_server, node_type, name):
+    """A NaN cfg passes core's nodes (which do not check) and reaches the latents: the VAE decode refuses them;
+    a NaN shift is refused by the scheduler node itself."""
+    from tests.e2e.test_comfyui_server import API_WORKFLOWS, load_api, node_id, tiny
+
+    (path,) = [p for p in API_WORKFLOWS if p.stem == "stepvideo_t2v_native"]
+    prompt = tiny(load_api(path), seed=23)
+    prompt[node_id(prompt, node_type)]["inputs"][name] = float("nan")
+    result = comfy_server.run(prompt, timeout=300)
+    assert result.status == "error", json.dumps(result.history, indent=1)[-2000:]
+    (error,) = result.of_type("execution_error")
+    assert "nan" in error["exception_message"].lower() or "finite" in error["exception_message"], error
+    assert not result.output_files(".mp4")

@@ -45,7 +45,7 @@ def test_native_family_is_not_offered_without_comfyui():
         spec.loader.exec_module(mod)
         native = sys.modules["pack_without_comfy.nodes.native"]
         print(json.dumps({{"ids": sorted(mod.NODE_CLASS_MAPPINGS), "native": sorted(native.NODE_CLASS_MAPPINGS),
-                          "offered": sorted(native._NODES), "native_model": "pack_without_comfy.nodes.native_model"
+                          "offered": sorted(native.NATIVE_NODES), "native_model": "pack_without_comfy.nodes.native_model"
                           in sys.modules, "comfy": sorted(m for m in sys.modules if m.split(".")[0] in
                           ("comfy", "comfy_api", "comfy_extras", "folder_paths"))}}))
     """)
