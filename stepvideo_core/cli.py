@@ -5,6 +5,10 @@
               stepvideo-t2v release folder; without it a tiny random model in the
               official layout is used (cached, see ``--cache``): a smoke test of
               the install whose output is noise, not a real video.
+              ``--image first.png`` makes it image-to-video: the transformer must
+              then be Step-Video-TI2V (``--transformer stepvideo-ti2v/transformer``;
+              the tiny default has one), and the defaults follow the TI2V preset
+              (102 frames, motion score 5, ``--motion-score``).
 ``check``     loads a DiT through the real loader and runs one forward pass.  With
               no ``--transformer`` it first writes a tiny random DiT in the official
               folder layout to a temporary folder: a smoke test of the install,
@@ -32,7 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The tiny default renders this unless told otherwise: a few seconds on two CPU cores.
 TINY_DEFAULTS = dict(width=64, height=64, frames=17, steps=3)
 # The official size (544x992, 204 frames = 8 s at 25 fps).
-REAL_DEFAULTS = dict(width=992, height=544, frames=204, steps=None)
+REAL_DEFAULTS = dict(width=992, height=544, frames=204, steps=None)  # frames: the preset's (102 for TI2V)
 LORA_SPEC = "FILE[:STRENGTH]"
 SMOKE_TEST_NOTE = ("SMOKE TEST: no --models given, so this used the embedded tiny model (random weights in the "
                    "official layout). The file shows that the install works; it is noise, not a real video.")
@@ -74,7 +78,8 @@ def progress_factory(stream: Optional[TextIO] = None):
 
 def smoke_inputs(model, frames: int = 3, height: int = 4, width: int = 6, text_tokens: int = 12,
                  seed: int = 0) -> dict:
-    """Random DiT inputs sized for ``model``'s config (CFG-sized batch of 2, realistic mask)."""
+    """Random DiT inputs sized for ``model``'s config (CFG-sized batch of 2, realistic mask; with the image
+    condition and a motion score of 5 for a TI2V model)."""
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     clip_tokens = 77 if cfg.clip_dim else 0
@@ -87,6 +92,10 @@ def smoke_inputs(model, frames: int = 3, height: int = 4, width: int = 6, text_t
                   encoder_attention_mask=mask)
     if cfg.clip_dim:
         inputs["encoder_hidden_states_2"] = torch.randn(2, clip_tokens, cfg.clip_dim, generator=gen)
+    if cfg.is_ti2v:  # image-to-video: a first latent frame, then zeros (as image_condition builds it), score 5
+        condition = torch.zeros(2, frames, cfg.in_channels, height, width)
+        condition[:, :1] = torch.randn(2, 1, cfg.in_channels, height, width, generator=gen)
+        inputs.update(condition_hidden_states=condition, motion_score=5.0)
     return inputs
 
 
@@ -105,10 +114,11 @@ def check(transformer: Optional[str], dtype: torch.dtype, device: str, attention
         start = time.perf_counter()
         model = load_transformer(transformer, dtype=dtype, device=device, attention=attention)
         cfg = model.config
-        print(f"  loaded {len(model.state_dict())} tensors ({cfg.num_layers} blocks, width {cfg.inner_dim}, "
+        print(f"  loaded {len(model.state_dict())} tensors ({cfg.variant}, {cfg.num_layers} blocks, "
+              f"width {cfg.inner_dim}, "
               f"{model.num_parameters() / 1e6:.1f} M parameters) as {dtype} on {device} "
               f"in {time.perf_counter() - start:.2f} s")
-        inputs = {k: v.to(device) for k, v in smoke_inputs(model).items()}
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in smoke_inputs(model).items()}
         start = time.perf_counter()
         with torch.no_grad():
             velocity = model(**inputs)
@@ -120,42 +130,51 @@ def check(transformer: Optional[str], dtype: torch.dtype, device: str, attention
 
 
 def model_files(args) -> "ModelFiles":
-    """The files to use: ``--models`` with overrides, or the cached tiny release (first run writes it)."""
+    """The files to use: ``--models`` with overrides, or the cached tiny release (first run writes it).
+
+    With ``--image`` and no model files given, the tiny release's Step-Video-TI2V transformer is
+    used (``transformer-ti2v/``), so image-to-video runs with no download too.
+    """
     from .pipeline import ModelFiles
-    from .tiny import cached_tiny_release
+    from .tiny import cached_tiny_release, tiny_ti2v_transformer
 
     if args.models is None and args.transformer is None and args.vae is None and args.text_encoders is None:
         start = time.perf_counter()
         root, created = cached_tiny_release(args.cache)
-        print("No --models given: using the embedded tiny default (random weights in the official layout), "
-              f"{'written to' if created else 'cached in'} {root.parent}"
+        image = getattr(args, "image", None) is not None
+        print(f"No --models given: using the embedded tiny default{' image-to-video (TI2V)' if image else ''} "
+              f"(random weights in the official layout), {'written to' if created else 'cached in'} {root.parent}"
               f"{f' in {time.perf_counter() - start:.1f} s' if created else ''}.")
         print("  The output is a smoke test of the install, not a real video.")
-        return ModelFiles.from_release(root, tiny=True)
+        return ModelFiles.from_release(root, transformer=tiny_ti2v_transformer(root) if image else None, tiny=True)
     return ModelFiles.from_release(args.models, transformer=args.transformer, vae=args.vae,
                                    text_encoders=args.text_encoders)
 
 
 def generate(args) -> int:
     """``generate``: prompt -> mp4 through :class:`~stepvideo_core.pipeline.StepVideoPipeline`; returns an exit code."""
-    from .pipeline import StepVideoPipeline
-    from .text.encoder import NEGATIVE_PROMPT
+    from .pipeline import OFFICIAL_NEGATIVE, StepVideoPipeline, resolve_preset
+    from .sampling import PRESETS, preset_for
     from .video_io import DEFAULT_FPS, crop_to_540p, read_video_info, write_mp4
 
     total_start = time.perf_counter()
     files = model_files(args)
-    defaults = TINY_DEFAULTS if files.tiny else REAL_DEFAULTS
-    size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     device = torch.device(args.device) if args.device else None
     pipe = StepVideoPipeline(files, device=device, dtype=None if args.dtype == "default" else DTYPES[args.dtype],
                              weight_format=args.weights, attention=args.attention,
                              blocks_on_device=args.blocks_on_device, text_plan=args.text_plan,
                              loras=args.lora)
-    print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames on {pipe.device} "
+    ti2v = pipe.check_mode(args.image)  # from the file headers: an image for T2V (or none for TI2V) stops here
+    preset = resolve_preset(args.preset) if args.preset is not None else preset_for(ti2v)
+    defaults = TINY_DEFAULTS if files.tiny else dict(REAL_DEFAULTS, frames=PRESETS[preset].frames)
+    size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    source = f" from the image {args.image}" if ti2v else ""
+    print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames{source} on {pipe.device} "
           f"({str(pipe.dtype).replace('torch.', '')}) -> {args.out}")
-    result = pipe.generate(args.prompt, NEGATIVE_PROMPT if args.negative is None else args.negative,
-                           add_magic=not args.no_magic, preset=args.preset, cfg=args.cfg, shift=args.shift,
-                           seed=args.seed, progress=progress_factory(), **size)
+    result = pipe.generate(args.prompt, OFFICIAL_NEGATIVE if args.negative is None else args.negative,
+                           add_magic=not args.no_magic, preset=preset, cfg=args.cfg, shift=args.shift,
+                           seed=args.seed, image=args.image, motion_score=args.motion_score,
+                           progress=progress_factory(), **size)
     frames = crop_to_540p(result.frames) if args.crop_540p else result.frames
     start = time.perf_counter()
     out = write_mp4(args.out, frames, fps=args.fps or DEFAULT_FPS, crf=args.crf)
@@ -164,8 +183,9 @@ def generate(args) -> int:
     run = result.settings
     print(f"Wrote {out}: {info['frames']} frames, {info['width']}x{info['height']}, {info['fps']:g} fps, "
           f"{info['codec']} {info['pix_fmt']} ({info['frames'] / info['fps']:.2f} s of video)")
-    print(f"  {run['preset']}: {run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {run['seed']}; "
-          f"{result.plan['message']}")
+    motion = f", motion score {run['motion_score']:g}" if "motion_score" in run else ""
+    print(f"  {run['preset']}: {run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}{motion}, "
+          f"seed {run['seed']}; {result.plan['message']}")
     print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
           + f"; total {time.perf_counter() - total_start:.1f} s")
     if files.tiny:
@@ -195,18 +215,26 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="what the video shows (Chinese, English or both)")
     p.add_argument("--out", default="video.mp4", help="output .mp4 file (default: video.mp4)")
     files = p.add_argument_group("model files (default: the embedded tiny smoke-test model)")
-    files.add_argument("--models", help="the official stepvideo-t2v release folder (transformer/, vae/, step_llm/, "
-                                        "hunyuan_clip/)")
+    files.add_argument("--models", help="the official stepvideo-t2v (or stepvideo-ti2v) release folder "
+                                        "(transformer/, vae/, step_llm/, hunyuan_clip/)")
     files.add_argument("--transformer", help="DiT to use instead of <models>/transformer: a folder (e.g. "
-                                             "stepvideo-t2v-turbo's transformer/) or a .safetensors file (e.g. fp8)")
+                                             "stepvideo-t2v-turbo's or stepvideo-ti2v's transformer/) or a "
+                                             ".safetensors file (e.g. fp8)")
     files.add_argument("--vae", help="VAE instead of <models>/vae/vae_v2.safetensors")
     files.add_argument("--text-encoders", help="folder with step_llm/ and hunyuan_clip/ instead of <models>")
     files.add_argument("--cache", help="where the tiny default is cached (default: $STEPVIDEO_CACHE or "
                                        "~/.cache/stepvideo)")
-    run = p.add_argument_group("sampling (defaults: the preset's; size 992x544, 204 frames; tiny model: "
-                               "64x64, 17 frames, 3 steps)")
-    run.add_argument("--preset", default="base", help="base (Step-Video-T2V: 50 steps, cfg 9, shift 13) or turbo "
-                                                      "(Step-Video-T2V-Turbo: 15 steps, cfg 5, shift 17)")
+    run = p.add_argument_group("sampling (defaults: the preset's; size 992x544, 204 frames (TI2V: 102); tiny "
+                               "model: 64x64, 17 frames, 3 steps)")
+    run.add_argument("--preset", default=None,
+                     help="base (Step-Video-T2V: 50 steps, cfg 9, shift 13), turbo (Step-Video-T2V-Turbo: 15 steps, "
+                          "cfg 5, shift 17) or ti2v (Step-Video-TI2V: 102 frames, 50 steps, cfg 9, shift 13, motion "
+                          "score 5); default: ti2v for a TI2V transformer, else base")
+    run.add_argument("--image", help="first frame (PNG, JPEG...): image-to-video; needs a Step-Video-TI2V "
+                                     "transformer (the tiny default has one). Resized to cover the size, "
+                                     "centre-cropped")
+    run.add_argument("--motion-score", type=FINITE_NUMBER,
+                     help="image-to-video only: how much motion (default 5; 2 steadier, 10-20 more motion)")
     run.add_argument("--width", type=int, help="multiple of 16")
     run.add_argument("--height", type=int, help="multiple of 16")
     run.add_argument("--frames", type=int, help="multiple of 17 (204 = 8 s at 25 fps)")

@@ -61,6 +61,22 @@ def resize_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x if batched else x[0]
 
 
+# Offset between a run's seed and the seed of its image's posterior noise (see image_noise_generator).
+IMAGE_SEED_OFFSET = 1
+
+
+def image_noise_generator(seed: int) -> torch.Generator:
+    """The CPU generator of the image latent's posterior noise for a run seeded ``seed``.
+
+    Seeded with ``seed + 1`` (mod 2**64), not ``seed``: the initial noise of the run is drawn
+    from ``seed`` the same way (:func:`~stepvideo_core.sampling.noise.initial_noise`, float64 on the
+    CPU), so the same seed would make the posterior noise equal the first latent frame's initial
+    noise, value for value.  The official pipeline draws both from one advancing global RNG, so
+    they differ there too.  Returns a new generator (same seed, same draw, on every machine).
+    """
+    return torch.Generator(device="cpu").manual_seed((int(seed) + IMAGE_SEED_OFFSET) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def image_condition(vae, image: torch.Tensor, *, width: int, height: int, frames: int, batch: int = 1,
                     generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
     """The TI2V condition ``[batch, frames/17*3, z, height/16, width/16]`` (fp32, CPU) for ``image`` [3, h, w].

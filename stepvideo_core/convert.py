@@ -4,7 +4,9 @@
 
 The transformer blocks' Linear weights become ``float8_e4m3fn`` with a per-output-channel
 fp32 ``<layer>.scale_weight`` [out, 1] next to each (see :mod:`stepvideo_core.fp8`);
-every other tensor is written in ``--dtype`` (bf16 by default).  The result is
+every other tensor is written in ``--dtype`` (bf16 by default).  Any Step-Video DiT converts
+the same way: T2V, Turbo or TI2V (whose 128-channel patch embed and motion-score embedder are
+not block Linears, so they stay in ``--dtype``; the result loads as TI2V, told from them).  The result is
 about 30 GB instead of 58.7 GB and loads with ``load_transformer(path)`` (auto-detected).
 
 It streams: the output header is computed from the source headers alone, then each

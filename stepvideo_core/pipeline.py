@@ -1,4 +1,4 @@
-"""Text -> video without ComfyUI: the calls the nodes make, in one object.
+"""Text -> video (and image -> video) without ComfyUI: the calls the nodes make, in one object.
 
 :class:`StepVideoPipeline` runs what a node graph runs, in the same order and
 through the same core functions: ``load_text_encoder`` + ``encode`` (the text
@@ -7,9 +7,16 @@ sampler nodes), ``load_vae`` + ``decode`` (VAE nodes).  Between the phases it
 frees what is no longer needed, so the 19.6B text encoder and the 30B DiT never
 sit in memory together.
 
+Image-to-video runs when the transformer is Step-Video-TI2V (told from its file
+headers): the first-frame image is read, resized and cropped to the video size
+and VAE-encoded into the condition (:mod:`stepvideo_core.condition`) after the
+text encoders are freed; sampling then follows the TI2V preset (102 frames,
+motion score 5) and the TI2V magic prompts unless told otherwise.
+
 Everything is checked before any weight is read: the video size, the sampling
-settings, the attention backend and the model files (folder layout and file
-headers), so a typo costs a second, not a 40 GB load.
+settings, the attention backend, the model files (folder layout and file
+headers) and whether the transformer fits the request (an image for a T2V
+transformer, none for a TI2V one), so a typo costs a second, not a 40 GB load.
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ import torch
 from .attention import check_backend
 from .checkpoint import CheckpointError
 from .checks import finite_float
+from .condition import ImageConditionError, check_image, image_condition, image_from_file, image_noise_generator
 from .dit.loader import (detect_weight_format, find_transformer_files, load_transformer, meta_transformer,
                          resolve_config)
 from .memory import available_host_bytes, trim_host_heap
 from .offload.planner import auto_plan, host_plan, weight_bytes
-from .sampling import DEFAULT_PRESET, PRESETS, check_video_size, resolve_settings, sample
+from .sampling import (PRESETS, check_video_size, preset_for, resolve_motion_score, resolve_settings,
+                       sample)
 from .text.clip import CLIP_DIR
-from .text.encoder import (NEGATIVE_PROMPT, ClipFolderNotFound, load_text_encoder, resolve_text_encoder_dirs,
-                           with_magic)
+from .text.encoder import (ClipFolderNotFound, load_text_encoder, magic_prompts,
+                           resolve_text_encoder_dirs, with_magic)
 from .text.llm_loader import STEP_LLM_DIR, find_step_llm_files
 from .text.streaming import PLANS, cuda_free_vram, default_device
 from .text.tokenizer import find_tokenizer_file
@@ -46,7 +55,21 @@ log = logging.getLogger("StepVideo")
 PathLike = Union[str, Path]
 # (phase, total) -> update(done, total); phases: "text encoders", "sampling", "VAE decode".
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
-PRESET_ALIASES = {"base": "Step-Video-T2V", "t2v": "Step-Video-T2V", "turbo": "Step-Video-T2V-Turbo"}
+PRESET_ALIASES = {"base": "Step-Video-T2V", "t2v": "Step-Video-T2V", "turbo": "Step-Video-T2V-Turbo",
+                  "ti2v": "Step-Video-TI2V", "i2v": "Step-Video-TI2V"}
+RELEASE_DIRS = ("stepvideo-t2v", "stepvideo-ti2v")  # what a --models folder may hold instead of being one
+ImageInput = Union[str, Path, torch.Tensor]
+
+
+class _OfficialNegative:
+    """The default ``negative`` of :meth:`StepVideoPipeline.generate`: the official negative prompt of the
+    transformer's mode (T2V or TI2V), chosen once the mode is known."""
+
+    def __repr__(self) -> str:
+        return "<the official negative prompt of the mode>"
+
+
+OFFICIAL_NEGATIVE = _OfficialNegative()
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BLOCK_CHOICES_HELP = "'auto' (the memory planner decides), 'all', or a number of blocks"
 
@@ -63,7 +86,7 @@ def resolve_preset(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelFiles:
-    """Where each part of Step-Video-T2V is read from."""
+    """Where each part of Step-Video-T2V (or -TI2V: only its transformer differs) is read from."""
 
     transformer: Path
     vae: Path
@@ -75,10 +98,10 @@ class ModelFiles:
     def from_release(cls, root: Optional[PathLike] = None, *, transformer: Optional[PathLike] = None,
                      vae: Optional[PathLike] = None, text_encoders: Optional[PathLike] = None,
                      tiny: bool = False) -> "ModelFiles":
-        """Resolve the files of an official ``stepvideo-t2v`` release at ``root``, with overrides.
+        """Resolve the files of an official ``stepvideo-t2v`` (or ``-ti2v``) release at ``root``, with overrides.
 
         ``root`` holds ``transformer/``, ``vae/vae_v2.safetensors``, ``step_llm/`` and
-        ``hunyuan_clip/`` (or has a ``stepvideo-t2v/`` folder that does).  ``transformer``
+        ``hunyuan_clip/`` (or has a ``stepvideo-t2v/`` or ``stepvideo-ti2v/`` folder that does).  ``transformer``
         replaces the DiT (a Turbo transformer folder, an fp8 single file...), ``vae`` the
         VAE file, ``text_encoders`` the folder holding ``step_llm/`` and ``hunyuan_clip/``.
         Only folder layouts and file headers are read.  Raises CheckpointError naming every
@@ -89,8 +112,8 @@ class ModelFiles:
             base = Path(root).expanduser()
             if not base.is_dir():
                 raise CheckpointError(f"--models: no such folder: {base}")
-            if not (base / "transformer").is_dir() and (base / "stepvideo-t2v").is_dir():
-                base = base / "stepvideo-t2v"
+            if not (base / "transformer").is_dir():
+                base = next((base / name for name in RELEASE_DIRS if (base / name).is_dir()), base)
         problems, found = [], {}
         parts = {"transformer": transformer, "vae": vae, "text_encoders": text_encoders}
         for name, override in parts.items():
@@ -205,6 +228,7 @@ class StepVideoPipeline:
     ``loras``: (path, strength) pairs, applied for each sampling run exactly as the
     StepVideoLoraLoader nodes chain them.  They are read and validated here, before any
     weight is read (see :meth:`_load_adapters`); :attr:`adapters` holds the result.
+    A Step-Video-TI2V transformer makes :meth:`generate` image-to-video (:attr:`is_ti2v`).
     """
 
     def __init__(self, files: ModelFiles, *, device: Union[None, str, torch.device] = None,
@@ -231,7 +255,40 @@ class StepVideoPipeline:
         self.keep_models = keep_models
         self._transformer = None
         self._vae = None
+        self._config = None
         self._adapters = self._load_adapters() if self.loras else ()
+
+    def transformer_config(self):
+        """The DiT's config (:class:`~stepvideo_core.dit.StepVideoDiTConfig`) from config.json and the file
+        headers, without reading a weight (the loaded model's once it is loaded)."""
+        if self._transformer is not None:
+            return self._transformer.config
+        if self._config is None:
+            index, config_path = find_transformer_files(self.files.transformer)
+            self._config = resolve_config(index, config_path)
+        return self._config
+
+    @property
+    def is_ti2v(self) -> bool:
+        """True when the transformer is Step-Video-TI2V (image-to-video), told from its headers alone."""
+        return self.transformer_config().is_ti2v
+
+    def check_mode(self, image: Optional[ImageInput]) -> bool:
+        """Whether this run is image-to-video; raises ValueError when ``image`` does not fit the transformer.
+
+        Exists so that an image given to a Step-Video-T2V transformer, or none to a Step-Video-TI2V
+        one, fails in a second with both named, before the text encoders or the DiT are read.
+        """
+        ti2v = self.is_ti2v
+        where = self.files.transformer
+        if image is not None and not ti2v:
+            raise ValueError(f"an image was given (image-to-video, --image), but the transformer {where} is "
+                             f"Step-Video-T2V (text-to-video): use a Step-Video-TI2V transformer (the stepvideo-ti2v "
+                             f"release's transformer/, --transformer) or leave the image out")
+        if image is None and ti2v:
+            raise ValueError(f"the transformer {where} is Step-Video-TI2V (image-to-video): it needs a first-frame "
+                             f"image (--image first.png); for text-to-video use a Step-Video-T2V transformer")
+        return ti2v
 
     @property
     def adapters(self) -> tuple:
@@ -239,21 +296,28 @@ class StepVideoPipeline:
         return self._adapters
 
     # -- phases ----------------------------------------------------------------
-    def encode(self, prompt: str, negative: Optional[str] = NEGATIVE_PROMPT, add_magic: bool = True,
-               progress: Optional[ProgressFactory] = None) -> tuple[dict, Optional[dict], list]:
+    def encode(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, add_magic: bool = True,
+               progress: Optional[ProgressFactory] = None, magic: Optional[str] = None
+               ) -> tuple[dict, Optional[dict], list]:
         """(positive, negative or None, notes): DiT conditioning dicts of batch 1, on the CPU.
 
-        Loads the text encoders, encodes ``with_magic(prompt)`` and then ``negative``
-        (None: skipped, for runs without guidance) one at a time as the two text nodes
-        do (so a graph and this pipeline get the very same tensors), then frees the
-        encoders.  ``notes`` are truncation warnings.
+        Loads the text encoders, encodes ``with_magic(prompt, add_magic, magic)`` and then
+        ``negative`` (None: skipped, for runs without guidance) one at a time as the two text
+        nodes do (so a graph and this pipeline get the very same tensors), then frees the
+        encoders.  ``magic`` and the default ``negative`` are the official pair of the
+        transformer's mode (:func:`~stepvideo_core.text.encoder.magic_prompts`: T2V or TI2V).
+        ``notes`` are truncation warnings.
         """
+        if magic is None or negative is OFFICIAL_NEGATIVE:
+            mode_magic, mode_negative = magic_prompts("ti2v" if self.is_ti2v else "t2v")
+            magic = mode_magic if magic is None else magic
+            negative = mode_negative if negative is OFFICIAL_NEGATIVE else negative
         start = time.perf_counter()
         encoder = load_text_encoder(self.files.step_llm, self.files.hunyuan_clip, dtype=self.text_dtype,
                                     device=self.device, plan=self.text_plan, alibi=self.alibi)
         log.info("text encoders loaded in %.1f s (%s)", time.perf_counter() - start,
                  encoder.describe().replace("\n", "; "))
-        texts = [with_magic(prompt, add_magic)] + ([negative] if negative is not None else [])
+        texts = [with_magic(prompt, add_magic, magic)] + ([negative] if negative is not None else [])
         try:
             notes = encoder.notes(texts)
             steps = len(encoder.llm.layers) + 1
@@ -308,10 +372,35 @@ class StepVideoPipeline:
             log.info("VAE loaded in %.1f s", time.perf_counter() - start)
         return self._vae
 
+    def encode_image(self, image: ImageInput, *, width: int, height: int, frames: int, seed: int) -> torch.Tensor:
+        """The TI2V condition ``[1, frames/17*3, z, height/16, width/16]`` (fp32, CPU) of ``image``.
+
+        ``image`` is an image file or an RGB tensor [3, h, w] in [-1, 1]; it is resized to cover
+        ``width x height``, centre-cropped and VAE-encoded as one frame (the posterior sample, drawn
+        from a CPU generator seeded from ``seed``: :func:`~stepvideo_core.condition.image_noise_generator`),
+        then followed by zero latent frames (:func:`~stepvideo_core.condition.image_condition`).  On a GPU
+        the VAE is freed afterwards (unless ``keep_models``) so the DiT gets its memory; decode reads it again.
+        """
+        pixels = read_image(image)
+        start = time.perf_counter()
+        condition = image_condition(self.vae(), pixels, width=width, height=height, frames=frames,
+                                    generator=image_noise_generator(seed))
+        log.info("image condition: %dx%d image -> %s latent in %.1f s", pixels.shape[2], pixels.shape[1],
+                 list(condition.shape), time.perf_counter() - start)
+        if self.device.type != "cpu" and not self.keep_models:
+            self._vae = None
+            self._release_memory()
+        return condition
+
     def sample(self, positive: dict, negative: Optional[dict], *, width: int, height: int, frames: int,
                steps: int, cfg: float, shift: float, seed: int, progress: Optional[ProgressFactory] = None,
-               should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, dict]:
-        """(latents fp32 ``[1, F, C, h, w]`` on the CPU, the block plan) -- the sampler node's work."""
+               should_stop: Optional[Callable[[], bool]] = None, condition: Optional[torch.Tensor] = None,
+               motion_score: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+        """(latents fp32 ``[1, F, C, h, w]`` on the CPU, the block plan) -- the sampler node's work.
+
+        ``condition`` / ``motion_score``: the TI2V image condition (:meth:`encode_image`) and motion
+        score, for a Step-Video-TI2V transformer only (see :func:`~stepvideo_core.sampling.sample`).
+        """
         model = self.transformer()
         model.attention_backend = self.attention
         guided = cfg > 1.0
@@ -331,7 +420,8 @@ class StepVideoPipeline:
                              frames=frames, steps=steps, cfg=cfg, shift=shift, seed=seed, device=self.device,
                              blocks_on_device=plan["blocks_on_device"] if streamed else None,
                              batch_cfg=plan["batch_cfg"], should_stop=should_stop,
-                             on_step=(lambda i, n, _latents: update(i, n)) if update else None)
+                             on_step=(lambda i, n, _latents: update(i, n)) if update else None,
+                             condition=condition, motion_score=motion_score)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return latents, plan
@@ -348,7 +438,7 @@ class StepVideoPipeline:
         if self.device.type != "cpu":
             return None
         index, config_path = find_transformer_files(self.files.transformer)
-        config = resolve_config(index, config_path)
+        config = self.transformer_config()
         stored = detect_weight_format(index) if self.weight_format == "auto" else self.weight_format
         fmt = "fp8_scaled" if stored == "fp8_scaled" else DTYPE_NAMES[self.dtype]
         available = available_host_bytes()
@@ -368,46 +458,76 @@ class StepVideoPipeline:
         video = self.vae().decode(latents, on_chunk=update, should_stop=should_stop, output_device="cpu")
         return official_to_uint8(video)
 
-    def generate(self, prompt: str, negative: Optional[str] = NEGATIVE_PROMPT, *, add_magic: bool = True,
-                 preset: str = DEFAULT_PRESET, width: int = 992, height: int = 544, frames: int = 204,
+    def generate(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, *, add_magic: bool = True,
+                 preset: Optional[str] = None, width: int = 992, height: int = 544, frames: Optional[int] = None,
                  steps: Optional[int] = None, cfg: Optional[float] = None, shift: Optional[float] = None,
-                 seed: int = 0, progress: Optional[ProgressFactory] = None,
+                 seed: int = 0, image: Optional[ImageInput] = None, motion_score: Optional[float] = None,
+                 progress: Optional[ProgressFactory] = None,
                  should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
-        """One video for ``prompt``; see :class:`GenerationResult`.
+        """One video for ``prompt`` (from the first frame ``image`` on TI2V); see :class:`GenerationResult`.
 
-        ``steps``/``cfg``/``shift`` default to the preset's (resolve_settings); the negative
-        prompt defaults to the official one and is not encoded when cfg <= 1.  Size and
-        settings are checked before anything is loaded.  Without ``keep_models`` the DiT
-        and the VAE are freed before returning.
+        ``preset`` defaults to the transformer's (Step-Video-T2V, or Step-Video-TI2V for a TI2V
+        transformer); ``frames`` to the preset's (204, or 102 for TI2V); ``steps``/``cfg``/``shift``
+        to the preset's (resolve_settings) and ``motion_score`` (TI2V only) to its 5.  The magic
+        suffix and the default negative prompt are the official ones of the mode; the negative is
+        not encoded when cfg <= 1.  ``image`` is an image file or an RGB tensor [3, h, w] in [-1, 1]:
+        required by a Step-Video-TI2V transformer, refused by a T2V one.  Size, settings, the image
+        and the mode are checked before anything is loaded.  Without ``keep_models`` the DiT and
+        the VAE are freed before returning.
         """
+        ti2v = self.check_mode(image)
+        preset = resolve_preset(preset) if preset is not None else preset_for(ti2v)
+        if PRESETS[preset].image and not ti2v:
+            raise ValueError(f"preset {preset} is for a Step-Video-TI2V (image-to-video) transformer; "
+                             f"{self.files.transformer} is Step-Video-T2V: pick base or turbo")
+        if motion_score is not None and not ti2v:
+            raise ValueError("motion_score is an image-to-video setting: the transformer is Step-Video-T2V")
+        frames = PRESETS[preset].frames if frames is None else frames
         check_video_size(width, height, frames)
-        run = resolve_settings(resolve_preset(preset), steps, cfg, shift)
+        run = resolve_settings(preset, steps, cfg, shift)
+        motion = resolve_motion_score(preset, motion_score) if ti2v else None
+        pixels = read_image(image) if ti2v else None  # a bad image file fails now, not after the text encoders
+        magic, mode_negative = magic_prompts("ti2v" if ti2v else "t2v")
+        negative = mode_negative if negative is OFFICIAL_NEGATIVE else negative
         guided = run["cfg"] > 1.0
         self.check_memory(width=width, height=height, frames=frames, guided=guided)
         seconds = {}
         start = time.perf_counter()
-        positive, neg, notes = self.encode(prompt, (negative or "") if guided else None, add_magic, progress)
+        positive, neg, notes = self.encode(prompt, (negative or "") if guided else None, add_magic, progress,
+                                           magic=magic)
         seconds["text"] = time.perf_counter() - start
         for note in notes:
             log.warning("%s", note)
         try:
+            condition = None
+            if ti2v:
+                start = time.perf_counter()
+                condition = self.encode_image(pixels, width=width, height=height, frames=frames, seed=seed)
+                seconds["image"] = time.perf_counter() - start
             start = time.perf_counter()
             latents, plan = self.sample(positive, neg, width=width, height=height, frames=frames, seed=seed,
-                                        progress=progress, should_stop=should_stop, **run)
+                                        progress=progress, should_stop=should_stop, condition=condition,
+                                        motion_score=motion, **run)
             seconds["sample"] = time.perf_counter() - start
             start = time.perf_counter()
-            pixels = self.decode(latents, progress, should_stop)
+            pixels_out = self.decode(latents, progress, should_stop)
             seconds["decode"] = time.perf_counter() - start
         finally:
             if not self.keep_models:
                 self.unload()
         settings = dict(prompt=prompt, negative=(negative or "") if guided else None, add_magic=add_magic,
-                        preset=resolve_preset(preset), width=width, height=height, frames=frames, seed=seed, **run)
-        return GenerationResult(frames=pixels, settings=settings, plan=plan, seconds=seconds, notes=notes)
+                        preset=preset, width=width, height=height, frames=frames, seed=seed, **run)
+        if ti2v:
+            settings.update(mode="ti2v", motion_score=motion,
+                            image=str(image) if not isinstance(image, torch.Tensor) else "tensor")
+        else:
+            settings.update(mode="t2v")
+        return GenerationResult(frames=pixels_out, settings=settings, plan=plan, seconds=seconds, notes=notes)
 
     def unload(self) -> None:
         """Drop the DiT and the VAE (the next :meth:`generate` loads them again; the adapters stay)."""
         self._transformer = self._vae = None
+        self._config = None
         self._release_memory()
 
     def _release_memory(self) -> None:
@@ -416,3 +536,19 @@ class StepVideoPipeline:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         trim_host_heap()
+
+
+def read_image(image: ImageInput) -> torch.Tensor:
+    """The first-frame image as the official RGB ``[3, h, w]`` in [-1, 1]: a file read with
+    :func:`~stepvideo_core.condition.image_from_file`, or a tensor checked as it is.
+
+    Raises :class:`~stepvideo_core.condition.ImageConditionError` (a ValueError) for a missing,
+    unreadable or malformed image, naming what was expected and found.
+    """
+    if isinstance(image, torch.Tensor):
+        check_image(image)
+        return image
+    if not isinstance(image, (str, Path)):
+        raise ImageConditionError(f"the image must be a file path or an RGB tensor [3, h, w], got "
+                                  f"{type(image).__name__}")
+    return image_from_file(image)

@@ -28,6 +28,8 @@ from .dit import StepVideoDiTConfig, build_transformer
 TINY_DIT_CONFIG = dict(num_attention_heads=2, attention_head_dim=128, in_channels=64, out_channels=64,
                        num_layers=2, patch_size=1, norm_eps=1e-6, norm_elementwise_affine=False,
                        use_additional_conditions=False, caption_channels=[96, 48], attention_type="parallel")
+# The image-to-video variant of the same tiny DiT (Step-Video-TI2V: 2 x 64-channel patch embed, motion-score embedder).
+TINY_TI2V_DIT_CONFIG = dict(TINY_DIT_CONFIG, use_additional_conditions=True)
 DIT_WEIGHTS = "diffusion_pytorch_model"
 
 
@@ -311,17 +313,22 @@ def write_tiny_vae(directory, seed: int = 0, config: Optional[Mapping] = None, l
 # channels, its caption_channels [96, 48] the Step-LLM and CLIP widths above.
 TINY_RELEASE_DIT_CONFIG = dict(TINY_DIT_CONFIG, in_channels=TINY_VAE_CONFIG["z_channels"],
                                out_channels=TINY_VAE_CONFIG["z_channels"])
+# The tiny release's image-to-video transformer (same encoders and VAE, as in the stepvideo-ti2v release).
+TINY_RELEASE_TI2V_DIT_CONFIG = dict(TINY_RELEASE_DIT_CONFIG, use_additional_conditions=True)
 # Bump when the files write_tiny_release produces change for the same configs (invalidates caches).
-TINY_RELEASE_FORMAT = 1
+TINY_RELEASE_FORMAT = 2
 RELEASE_DIR = "stepvideo-t2v"
+# Beside transformer/ in the tiny release: a tiny Step-Video-TI2V transformer folder (config.json + shards).
+TI2V_TRANSFORMER_DIR = "transformer-ti2v"
 CACHE_ENV = "STEPVIDEO_CACHE"
 _COMPLETE = "tiny-release.json"
 
 
 def tiny_release_key(seed: int = 0) -> str:
     """Short hash naming one tiny release: configs, tokenizer corpus, seed and file format version."""
-    spec = dict(format=TINY_RELEASE_FORMAT, seed=seed, dit=TINY_RELEASE_DIT_CONFIG, vae=TINY_VAE_CONFIG,
-                llm=TINY_LLM_CONFIG, clip=TINY_CLIP_CONFIG, corpus=TINY_TEXT_CORPUS, torch=torch.__version__)
+    spec = dict(format=TINY_RELEASE_FORMAT, seed=seed, dit=TINY_RELEASE_DIT_CONFIG, ti2v=TINY_RELEASE_TI2V_DIT_CONFIG,
+                vae=TINY_VAE_CONFIG, llm=TINY_LLM_CONFIG, clip=TINY_CLIP_CONFIG, corpus=TINY_TEXT_CORPUS,
+                torch=torch.__version__)
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
@@ -329,14 +336,44 @@ def write_tiny_release(directory, seed: int = 0) -> Path:
     """A complete tiny ``stepvideo-t2v`` release in ``directory``; returns ``directory``.
 
     The official layout: ``transformer/`` (config.json + shards + index), ``vae/vae_v2.safetensors``,
-    ``step_llm/`` and ``hunyuan_clip/``, mutually consistent (see :data:`TINY_RELEASE_DIT_CONFIG`).
+    ``step_llm/`` and ``hunyuan_clip/``, mutually consistent (see :data:`TINY_RELEASE_DIT_CONFIG`),
+    plus ``transformer-ti2v/``: a tiny Step-Video-TI2V transformer in the same layout, for
+    image-to-video with the same encoders and VAE (:func:`tiny_ti2v_transformer`).
     Random weights: every loader and the whole pipeline run on it, the video is noise.
     """
     directory = Path(directory)
     write_tiny_dit(directory, layout="official", seed=seed, config=TINY_RELEASE_DIT_CONFIG)
+    write_tiny_dit(directory / TI2V_TRANSFORMER_DIR, layout="transformer", seed=seed,
+                   config=TINY_RELEASE_TI2V_DIT_CONFIG)
     write_tiny_vae(directory, seed=seed)
     write_tiny_text_encoders(directory, seed=seed)
     return directory
+
+
+def tiny_ti2v_transformer(release: Path) -> Path:
+    """The tiny Step-Video-TI2V transformer folder of a tiny release written by :func:`write_tiny_release`."""
+    return Path(release) / TI2V_TRANSFORMER_DIR
+
+
+def write_tiny_image(path, width: int = 80, height: int = 48, seed: int = 0) -> Path:
+    """A small RGB PNG to condition image-to-video smoke runs with; returns its path.
+
+    A colour gradient with a bright disc whose place depends on ``seed`` (so a crop or a
+    colour-channel mix-up changes what the VAE sees).  Written with Pillow, deterministic.
+    """
+    import numpy as np
+    from PIL import Image
+
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    rng = np.random.default_rng(seed)
+    cy, cx = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width
+    disc = ((ys - cy) ** 2 + (xs - cx) ** 2) <= (min(width, height) / 5) ** 2
+    rgb = np.stack([xs / max(width - 1, 1), ys / max(height - 1, 1), 1 - xs / max(width - 1, 1)], axis=-1)
+    rgb[disc] = (1.0, 0.9, 0.2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB").save(path)
+    return path
 
 
 def default_cache_dir() -> Path:
@@ -361,7 +398,8 @@ def cached_tiny_release(cache_dir=None, seed: int = 0) -> tuple[Path, bool]:
     try:
         write_tiny_release(tmp / RELEASE_DIR, seed=seed)
         (tmp / _COMPLETE).write_text(json.dumps({"key": tiny_release_key(seed), "seed": seed,
-                                                 "note": "tiny random Step-Video-T2V for smoke tests"}, indent=2))
+                                                 "note": "tiny random Step-Video-T2V (and TI2V transformer) for "
+                                                         "smoke tests"}, indent=2))
         if final.exists():  # a leftover without the marker (ours are renamed complete, so it is foreign/partial)
             shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

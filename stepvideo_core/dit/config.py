@@ -1,7 +1,11 @@
 """Configuration of the Step-Video DiT, mirroring ``transformer/config.json``.
 
 Field names are exactly the keys of the official diffusers-style config, and
-the defaults are the released 30B Step-Video-T2V model (also Turbo).
+the defaults are the released 30B Step-Video-T2V model (also Turbo).  The
+image-to-video model (Step-Video-TI2V) is the same config with
+``use_additional_conditions=True``: its patch embed takes the latents and the
+image condition concatenated on the channel axis (``2 * in_channels``) and its
+AdaLN-single embeds a motion score (reference ``stepvideo-ti2v.md`` section 1).
 """
 
 from __future__ import annotations
@@ -58,9 +62,9 @@ class StepVideoDiTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
-        if self.use_additional_conditions:
-            problems.append("use_additional_conditions=True is the image-to-video (TI2V) variant, "
-                            "which this pack does not run; use a Step-Video-T2V (or Turbo) transformer")
+        if not isinstance(self.use_additional_conditions, bool):
+            problems.append(f"use_additional_conditions must be true (Step-Video-TI2V) or false (T2V), "
+                            f"got {self.use_additional_conditions!r}")
         cc = self.caption_channels
         if not (isinstance(cc, int) or (isinstance(cc, list) and len(cc) == 2)):
             problems.append(f"caption_channels must be an int or [llm_width, clip_width], got {cc!r}")
@@ -72,6 +76,21 @@ class StepVideoDiTConfig:
     def inner_dim(self) -> int:
         """Model width D = heads x head_dim (6144 for the release)."""
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def is_ti2v(self) -> bool:
+        """True for Step-Video-TI2V (image-to-video): a first-frame condition and a motion score are inputs."""
+        return bool(self.use_additional_conditions)
+
+    @property
+    def variant(self) -> str:
+        """"Step-Video-TI2V" or "Step-Video-T2V" (Turbo has the T2V architecture), for messages."""
+        return "Step-Video-TI2V" if self.is_ti2v else "Step-Video-T2V"
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Input channels of ``pos_embed.proj``: the latents, plus as many condition channels for TI2V."""
+        return self.in_channels * (2 if self.is_ti2v else 1)
 
     @property
     def caption_dim(self) -> int:

@@ -8,6 +8,11 @@ Accepted inputs (the same code loads the released 30B files and tiny test files)
 * one ``.safetensors`` file, optionally with the ``model.diffusion_model.`` /
   ``diffusion_model.`` / ``transformer.`` key prefixes other tools save with; its
   config is then inferred from the tensor shapes.
+
+The same goes for Step-Video-TI2V (``stepvideo-ti2v/``): the weights tell the two apart
+(:func:`weights_are_ti2v`: a patch embed taking twice the latent channels and the
+``adaln_single.emb.motion_score_embedder`` keys), so ``use_additional_conditions`` follows
+the weights even when config.json omits it or says otherwise (with a warning in that case).
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ FP8_PREFIX = "transformer_blocks."
 # config fields that the tensor shapes determine; config.json must agree with them
 _SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
                  "patch_size", "caption_channels", "norm_elementwise_affine")
+# Only Step-Video-TI2V has these (its AdaLN-single embeds the motion score).
+MOTION_SCORE_PREFIX = "adaln_single.emb.motion_score_embedder."
+MOTION_SCORE_KEYS = tuple(f"{MOTION_SCORE_PREFIX}linear_{i}.{leaf}" for i in (1, 2) for leaf in ("weight", "bias"))
+
+
+class VariantMismatchWarning(UserWarning):
+    """config.json's ``use_additional_conditions`` contradicts the weights; the weights were followed."""
 
 
 def find_transformer_files(path: PathLike) -> tuple[TensorIndex, Optional[Path]]:
@@ -85,21 +97,50 @@ def shape_fields(index: TensorIndex) -> dict:
     if absent:
         raise CheckpointError(f"{index.source} is not a Step-Video DiT checkpoint: it lacks {absent[:3]}. "
                               f"It looks like {index.describe()}.")
-    dim, in_channels, patch, _ = shapes["pos_embed.proj.weight"]
+    dim, patch_channels, patch, _ = shapes["pos_embed.proj.weight"]
+    ti2v = weights_are_ti2v(index)
     head_dim = shapes["transformer_blocks.0.attn1.q_norm.weight"][0]
     layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
     caption = shapes["caption_projection.linear_1.weight"][1]
     clip = shapes.get("clip_projection.weight")
-    return dict(num_attention_heads=dim // head_dim, attention_head_dim=head_dim, in_channels=in_channels,
+    return dict(num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+                in_channels=patch_channels // 2 if ti2v else patch_channels,
                 out_channels=shapes["proj_out.weight"][0] // (patch * patch), num_layers=layers, patch_size=patch,
                 norm_elementwise_affine="norm_out.weight" in shapes,
                 caption_channels=[caption, clip[1]] if clip else caption)
 
 
+def weights_are_ti2v(index: TensorIndex) -> bool:
+    """True when the tensors are a Step-Video-TI2V DiT, False for T2V / Turbo; from the headers alone.
+
+    TI2V has the ``adaln_single.emb.motion_score_embedder.*`` keys and a patch embed taking
+    2 x the output channels (latents ++ image condition: [D, 128, 1, 1] in the release); T2V has
+    neither.  Raises CheckpointError for a checkpoint with one sign and not the other (a broken or
+    hand-edited file), naming what it has.
+    """
+    shapes = index.shapes()
+    motion = [k for k in shapes if k.startswith(MOTION_SCORE_PREFIX)]
+    patch_channels = shapes["pos_embed.proj.weight"][1]
+    patch = shapes["pos_embed.proj.weight"][2]
+    out_channels = shapes["proj_out.weight"][0] // (patch * patch)
+    doubled = patch_channels == 2 * out_channels
+    if motion and not doubled:
+        raise CheckpointError(
+            f"{index.source} has the Step-Video-TI2V motion-score embedder ({MOTION_SCORE_PREFIX}*) but its "
+            f"pos_embed.proj takes {patch_channels} channels, not 2 x {out_channels} (latents + image condition) "
+            f"as TI2V's does: a damaged or mixed checkpoint")
+    if doubled and not motion:
+        raise CheckpointError(
+            f"{index.source} has a pos_embed.proj taking {patch_channels} = 2 x {out_channels} channels like "
+            f"Step-Video-TI2V's, but no {MOTION_SCORE_PREFIX}* weights (TI2V has them, T2V has neither): a "
+            f"damaged or mixed checkpoint")
+    return bool(motion)
+
+
 def infer_config(index: TensorIndex) -> StepVideoDiTConfig:
-    """DiT config implied by tensor shapes (for single files shipped without config.json)."""
+    """DiT config implied by tensor shapes (for single files shipped without config.json), TI2V included."""
     try:
-        return StepVideoDiTConfig(**shape_fields(index))
+        return StepVideoDiTConfig(**shape_fields(index), use_additional_conditions=weights_are_ti2v(index))
     except ConfigError as exc:
         raise CheckpointError(f"{index.source}: {exc}") from exc
 
@@ -126,12 +167,27 @@ def read_config(config_path: Path, index: TensorIndex) -> StepVideoDiTConfig:
     if diffs:
         raise CheckpointError(f"{config_path} does not match the weights in {index.source} "
                               f"(config and shards from different models?): " + "; ".join(diffs))
+    ti2v = weights_are_ti2v(index)
+    if "use_additional_conditions" in data and data["use_additional_conditions"] != ti2v:
+        warnings.warn(VariantMismatchWarning(
+            f"{config_path}: use_additional_conditions: config.json says {data['use_additional_conditions']!r}, "
+            f"the weights have {ti2v!r} ({_variant_evidence(index, ti2v)}); the weights win: loading it as "
+            f"{'Step-Video-TI2V' if ti2v else 'Step-Video-T2V'}"), stacklevel=3)
+    data = dict(data, use_additional_conditions=ti2v)  # the weights decide (omitted in some config.json files)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return StepVideoDiTConfig.from_dict(data, source=str(config_path))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
+
+
+def _variant_evidence(index: TensorIndex, ti2v: bool) -> str:
+    """What in the weights says TI2V or T2V, for the config.json mismatch warning."""
+    channels = index.shapes()["pos_embed.proj.weight"][1]
+    if ti2v:
+        return f"a {channels}-channel pos_embed.proj and {MOTION_SCORE_PREFIX}* weights: Step-Video-TI2V"
+    return f"a {channels}-channel pos_embed.proj and no motion-score embedder: Step-Video-T2V"
 
 
 def resolve_config(index: TensorIndex, config_path: Optional[Path]) -> StepVideoDiTConfig:

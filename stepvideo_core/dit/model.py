@@ -1,12 +1,18 @@
-"""The Step-Video-T2V diffusion transformer (official ``StepVideoModel``), own implementation.
+"""The Step-Video diffusion transformer (official ``StepVideoModel``), own implementation.
 
 Parameter names are the checkpoint's; ``build_transformer(None)`` on the meta
-device has exactly the 785 tensors of the released 30B model.
+device has exactly the 785 tensors of the released 30B Step-Video-T2V model.
+The same class is Step-Video-TI2V (image-to-video) when the config says
+``use_additional_conditions=True`` (:attr:`StepVideoTransformer.is_ti2v`): the
+patch embed then takes the noisy latents and the first-frame condition
+concatenated on the channel axis, and a motion score is embedded next to the
+timestep (reference ``stepvideo-ti2v.md`` section 1).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -15,6 +21,7 @@ from torch import nn
 
 from .. import ops as default_ops
 from ..attention import check_backend
+from ..checks import count_non_finite, finite_float
 from .blocks import StepVideoBlock
 from .config import TIMESTEP_CHANNELS, TIMESTEP_RESCALE, StepVideoDiTConfig
 from .rope import rope_tables
@@ -55,27 +62,50 @@ def timestep_features(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS) -> tor
 
 
 class _EmbeddingWrapper(nn.Module):
-    """Holds ``timestep_embedder`` so its keys are ``adaln_single.emb.timestep_embedder.*``."""
+    """Holds ``timestep_embedder`` (and for TI2V ``motion_score_embedder``) under ``adaln_single.emb.*``."""
 
-    def __init__(self, dim: int, operations, device=None, dtype=None):
+    def __init__(self, dim: int, operations, device=None, dtype=None, motion_score: bool = False):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(dim, operations, device, dtype)
+        if motion_score:
+            self.motion_score_embedder = TimestepEmbedder(dim, operations, device, dtype)
 
 
 class AdaLayerNormSingle(nn.Module):
-    """``adaln_single``: sigma -> (t6 [B, 6D] shared by all blocks, embedded timestep e [B, D])."""
+    """``adaln_single``: sigma (and the TI2V motion score) -> (t6 [B, 6D] shared by all blocks, e [B, D]).
 
-    def __init__(self, dim: int, operations, device=None, dtype=None):
+    With ``motion_score=True`` (Step-Video-TI2V) the motion score goes through the same 256-channel
+    sinusoid as the timestep (not scaled by 1000), its own embedder, and is added to the timestep
+    embedding before the 6-way modulation linear, so both ``t6`` and ``e`` depend on it.
+    """
+
+    def __init__(self, dim: int, operations, device=None, dtype=None, motion_score: bool = False):
         super().__init__()
-        self.emb = _EmbeddingWrapper(dim, operations, device, dtype)
+        self.emb = _EmbeddingWrapper(dim, operations, device, dtype, motion_score)
         self.linear = operations.Linear(dim, 6 * dim, device=device, dtype=dtype)
 
-    def forward(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def has_motion_score(self) -> bool:
+        """True when this AdaLN-single embeds a motion score (the TI2V model)."""
+        return hasattr(self.emb, "motion_score_embedder")
+
+    def forward(self, sigma: torch.Tensor, motion_score: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t6, e) for ``sigma`` [B] and, on TI2V, ``motion_score`` [B] (already in the compute dtype)."""
         # x1000 happens in sigma's own dtype (bf16 in the official pipeline); the
         # sinusoid is fp32 and its result is cast to the embedder's weight dtype.
         embedder = self.emb.timestep_embedder
-        features = timestep_features(sigma * TIMESTEP_RESCALE).to(embedder.linear_1.weight.dtype)
-        embedded = embedder(features)
+        hidden_dtype = embedder.linear_1.weight.dtype
+        embedded = embedder(timestep_features(sigma * TIMESTEP_RESCALE).to(hidden_dtype))
+        if self.has_motion_score:
+            if motion_score is None:
+                raise ValueError("the Step-Video-TI2V AdaLN-single needs a motion_score")
+            # the score as given (rounded to the compute dtype by the caller), no x1000, same fp32 sinusoid
+            motion = self.emb.motion_score_embedder(timestep_features(motion_score.flatten()).to(hidden_dtype))
+            embedded = embedded + motion.reshape(sigma.shape[0], -1)
+        elif motion_score is not None:
+            raise ValueError("this AdaLN-single has no motion_score_embedder (a Step-Video-T2V model): "
+                             "it takes no motion_score")
         return self.linear(F.silu(embedded)), embedded
 
 
@@ -92,7 +122,8 @@ class CaptionProjection(nn.Module):
 
 
 class StepVideoTransformer(nn.Module):
-    """Step-Video-T2V DiT.  ``forward`` matches the official ``StepVideoModel.forward``.
+    """Step-Video DiT (T2V, Turbo, or TI2V when :attr:`is_ti2v`).  ``forward`` matches the official
+    ``StepVideoModel.forward``.
 
     ``attention_backend`` selects the attention kernels (see :mod:`stepvideo_core.attention`).
     """
@@ -103,7 +134,7 @@ class StepVideoTransformer(nn.Module):
         dim = config.inner_dim
         affine = config.norm_elementwise_affine
         self._attention_backend = "sdpa"
-        self.pos_embed = PatchEmbed(config.patch_size, config.in_channels, dim, operations, device, dtype)
+        self.pos_embed = PatchEmbed(config.patch_size, config.patch_in_channels, dim, operations, device, dtype)
         self.transformer_blocks = nn.ModuleList(
             [StepVideoBlock(dim, config.attention_head_dim, operations, device, dtype)
              for _ in range(config.num_layers)])
@@ -113,7 +144,7 @@ class StepVideoTransformer(nn.Module):
                                               requires_grad=False)
         self.proj_out = operations.Linear(dim, config.patch_size ** 2 * config.out_channels,
                                           device=device, dtype=dtype)
-        self.adaln_single = AdaLayerNormSingle(dim, operations, device, dtype)
+        self.adaln_single = AdaLayerNormSingle(dim, operations, device, dtype, motion_score=config.is_ti2v)
         if config.clip_dim is not None:
             self.clip_projection = operations.Linear(config.clip_dim, dim, device=device, dtype=dtype)
         self.caption_norm = operations.LayerNorm(config.caption_dim, eps=config.norm_eps,
@@ -130,6 +161,11 @@ class StepVideoTransformer(nn.Module):
     def attention_backend(self, name: str) -> None:
         # checks the install now; device/dtype limits are checked per call
         self._attention_backend = check_backend(name)
+
+    @property
+    def is_ti2v(self) -> bool:
+        """True for Step-Video-TI2V: :meth:`forward` then needs ``condition_hidden_states`` and ``motion_score``."""
+        return self.config.is_ti2v
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -167,11 +203,19 @@ class StepVideoTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: Optional[torch.Tensor] = None,
-                encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                encoder_attention_mask: Optional[torch.Tensor] = None,
+                condition_hidden_states: Optional[torch.Tensor] = None,
+                motion_score: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
         """Velocity [B, F, C, H, W] for latents ``hidden_states`` [B, F, C, H, W] at sigma ``timestep`` [B].
 
         Activations are cast to :attr:`compute_dtype`; ``timestep`` keeps its
-        dtype for the x1000 (as the official forward does).
+        dtype for the x1000 (as the official forward does).  A TI2V model (:attr:`is_ti2v`)
+        also takes ``condition_hidden_states`` [B, F, C, H, W] (the first-frame image latent
+        followed by zeros; batch 1 is repeated to B), concatenated to the latents on the channel
+        axis before the patch embed, and ``motion_score``, a number (or a one-element or [B]
+        tensor) that becomes ``tensor([score]).repeat(B)`` in the compute dtype -- rounded to bf16
+        in bf16, as officially -- before the sinusoid.  Raises ValueError when a TI2V model lacks
+        them or a T2V model is given them.
         """
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be [B, F, C, H, W], got shape {list(hidden_states.shape)}")
@@ -179,10 +223,20 @@ class StepVideoTransformer(nn.Module):
         batch, frames, _, height, width = hidden_states.shape
         p = self.config.patch_size
         h, w = height // p, width // p
+        self.check_image_inputs(hidden_states, condition_hidden_states, motion_score)
 
-        x = self.pos_embed(hidden_states.to(dtype).reshape(batch * frames, *hidden_states.shape[2:]))
+        patch_input = hidden_states.to(dtype)
+        if condition_hidden_states is not None:
+            condition = condition_hidden_states.to(device=patch_input.device, dtype=dtype)
+            if condition.shape[0] != batch:
+                condition = condition.expand(batch, *condition.shape[1:])
+            patch_input = torch.cat([patch_input, condition], dim=2)
+            del condition
+        x = self.pos_embed(patch_input.reshape(batch * frames, *patch_input.shape[2:]))
+        del patch_input
         x = x.reshape(batch, frames * h * w, -1).contiguous()
-        t6, embedded = self.adaln_single(timestep.to(hidden_states.device).reshape(-1).expand(batch))
+        motion = None if motion_score is None else motion_score_tensor(motion_score, batch, dtype, x.device)
+        t6, embedded = self.adaln_single(timestep.to(hidden_states.device).reshape(-1).expand(batch), motion)
         context, mask = self.text_context(
             encoder_hidden_states.to(dtype),
             None if encoder_hidden_states_2 is None else encoder_hidden_states_2.to(dtype),
@@ -193,6 +247,33 @@ class StepVideoTransformer(nn.Module):
         del x
         x = self.run_blocks(holder, context, t6, rope, mask)
         return self.final_layer(x, embedded, batch, frames, h, w)
+
+    def check_image_inputs(self, hidden_states: torch.Tensor, condition_hidden_states: Optional[torch.Tensor],
+                           motion_score) -> None:
+        """Raise ValueError unless the image-to-video inputs fit this model: both on TI2V, neither on T2V.
+
+        Exists so that a TI2V checkpoint run as T2V (or the reverse) says which model it is and what
+        is missing or superfluous, instead of failing inside the patch embed's convolution.
+        """
+        given = [name for name, value in (("condition_hidden_states", condition_hidden_states),
+                                          ("motion_score", motion_score)) if value is not None]
+        if not self.is_ti2v:
+            if given:
+                raise ValueError(f"this is a Step-Video-T2V transformer ({self.config.in_channels}-channel patch "
+                                 f"embed, no motion_score_embedder): it takes no {' or '.join(given)}. "
+                                 f"Image-to-video needs a Step-Video-TI2V transformer.")
+            return
+        missing = [name for name in ("condition_hidden_states", "motion_score") if name not in given]
+        if missing:
+            raise ValueError(f"this is a Step-Video-TI2V (image-to-video) transformer: it needs "
+                             f"condition_hidden_states [B, F, {self.config.in_channels}, H, W] (the first-frame "
+                             f"image latent, then zeros) and motion_score (e.g. 5.0); missing: "
+                             f"{', '.join(missing)}")
+        expected = tuple(hidden_states.shape[1:])
+        found = tuple(condition_hidden_states.shape)
+        if len(found) != 5 or found[1:] != expected or found[0] not in (1, hidden_states.shape[0]):
+            raise ValueError(f"condition_hidden_states must be [{hidden_states.shape[0]} (or 1), "
+                             f"{', '.join(map(str, expected))}] like the latents, got {list(found)}")
 
     def run_blocks(self, holder: list, context: torch.Tensor, t6: torch.Tensor, rope: tuple,
                    mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -217,6 +298,29 @@ class StepVideoTransformer(nn.Module):
         x = self.proj_out(self.norm_out(x).mul_(1 + scale).add_(shift))  # in place, same values
         x = x.reshape(batch * frames, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(batch, frames, c, h * p, w * p)
+
+
+def motion_score_tensor(score: Union[float, torch.Tensor], batch: int, dtype: torch.dtype,
+                        device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """The TI2V motion score as the model embeds it: ``tensor([score]).repeat(batch)`` in ``dtype`` [batch].
+
+    A number (or a one-element tensor) is rounded to ``dtype`` once, exactly as the official
+    forward builds it (bf16 in the pipeline: 5.3 becomes 5.3125); a [batch] tensor gives one
+    score per sample.  Raises ValueError for a NaN/Inf score or a tensor of another size.
+    """
+    if isinstance(score, torch.Tensor):
+        if score.numel() == batch and batch > 1:
+            values = score.detach().reshape(batch).to(device=device, dtype=dtype)
+            if count_non_finite(values):
+                raise ValueError(f"motion_score must be finite, got {score.tolist()}")
+            return values
+        if score.numel() != 1:
+            raise ValueError(f"motion_score must be a number, a one-element tensor or one score per sample "
+                             f"([{batch}]), got a tensor of shape {list(score.shape)}")
+        score = score.detach().reshape(()).item()
+    if isinstance(score, bool) or not isinstance(score, numbers.Real):
+        raise ValueError(f"motion_score must be a number (e.g. 5.0), got {type(score).__name__}")
+    return torch.tensor([finite_float(score, "motion_score")], device=device, dtype=dtype).repeat(batch)
 
 
 def build_transformer(config: Union[None, Mapping[str, Any], StepVideoDiTConfig] = None,

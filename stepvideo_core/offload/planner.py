@@ -36,6 +36,14 @@ a the activation size (2 bytes for bf16/fp16, 4 for fp32), let U = B*L*D*a
   the input and 128 MB of fp32 chunks), counted in full to cover both.
 * **reserve**: 1 GiB + 5% of the estimate, for the CUDA caching allocator's
   fragmentation, cuBLAS workspaces and the latents/outputs of the sampler.
+* **image condition** (Step-Video-TI2V only, config ``use_additional_conditions``):
+  the patch embed takes ``2 x in_channels`` (its weight doubles) and the motion
+  score has its own embedder (256·D + D·D weights + biases); the sampler keeps the
+  first-frame condition for the call batch, B·L·C·a bytes (C = 64 latent channels),
+  for the whole run, and each call concatenates it to the latents, a 2·B·L·C·a input
+  of the patch embed.  Both are counted in the item ``condition`` (the concat as if
+  it were alive at the block peak, where it is already freed: a small overestimate,
+  2 % of U at the release's width).  T2V plans have no such item.
 
 ``blocks_on_device="auto"`` picks the largest count whose estimate + reserve
 fits ``free_bytes``; if nothing fits with batched CFG, :func:`auto_plan` also
@@ -68,16 +76,19 @@ def _dims(config: Optional[dict]) -> dict:
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     caption = cfg["caption_channels"]
     llm, clip = (caption, None) if isinstance(caption, int) else caption
+    ti2v = bool(cfg.get("use_additional_conditions", False))
+    cin = cfg["in_channels"] * cfg["patch_size"] ** 2
     return dict(D=cfg["num_attention_heads"] * cfg["attention_head_dim"], layers=cfg["num_layers"],
-                cin=cfg["in_channels"] * cfg["patch_size"] ** 2, cout=cfg["out_channels"] * cfg["patch_size"] ** 2,
-                llm=llm, clip=clip, head_dim=cfg["attention_head_dim"])
+                cin=cin, patch_in=cin * (2 if ti2v else 1), ti2v=ti2v,
+                cout=cfg["out_channels"] * cfg["patch_size"] ** 2, llm=llm, clip=clip,
+                head_dim=cfg["attention_head_dim"], latent_channels=cfg["in_channels"])
 
 
 def parameter_counts(config: Optional[dict] = None) -> dict:
     """Parameters per block (Linear weights and the rest) and outside the blocks."""
     d = _dims(config)
     D = d["D"]
-    non_block = (D * d["cin"] + D                      # pos_embed (1x1 conv)
+    non_block = (D * d["patch_in"] + D                 # pos_embed (1x1 conv; TI2V: latents ++ condition)
                  + 256 * D + D + D * D + D             # timestep embedder
                  + 6 * D * D + 6 * D                   # adaln_single.linear
                  + d["llm"] * D + D + D * D + D        # caption_projection
@@ -85,6 +96,8 @@ def parameter_counts(config: Optional[dict] = None) -> dict:
                  + d["cout"] * D + d["cout"])          # proj_out
     if d["clip"]:
         non_block += d["clip"] * D + D                 # clip_projection
+    if d["ti2v"]:
+        non_block += 256 * D + D + D * D + D           # adaln_single.emb.motion_score_embedder
     return {"block_linear": 16 * D * D,                # wqkv 3, wo 1, wq 1, wkv 2, wo 1, ff 4 + 4
             "block_linear_rows": 13 * D,
             "block_other": 10 * D + 4 * d["head_dim"],  # 2 LayerNorms (w+b), table 6D, q/k norms
@@ -119,6 +132,20 @@ def latent_tokens(width: int, height: int, frames: int, patch_size: int = 1) -> 
     return (frames // 17 * 3) * (height // 16 // patch_size) * (width // 16 // patch_size)
 
 
+def condition_bytes(width: int, height: int, frames: int, *, cfg_batch: int, activation_bytes: int,
+                    config: Optional[dict] = None) -> int:
+    """Device bytes of the TI2V image condition in a sampling step (0 for a T2V config).
+
+    The condition the sampler holds for one call batch ([cfg_batch, F, C, h, w] in the compute
+    dtype) plus the channel-concatenated patch-embed input ([cfg_batch, F, 2C, h, w]).
+    """
+    d = _dims(config)
+    if not d["ti2v"]:
+        return 0
+    one = cfg_batch * latent_tokens(width, height, frames) * d["latent_channels"] * activation_bytes
+    return 3 * one  # held condition (1) + latents ++ condition at the patch embed (2)
+
+
 def estimate_peak(width: int, height: int, frames: int, *, blocks_on_device: int, cfg_batch: int = 2,
                   weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
                   config: Optional[dict] = None) -> dict:
@@ -140,6 +167,9 @@ def estimate_peak(width: int, height: int, frames: int, *, blocks_on_device: int
     workspace = 2 * parameter_counts(config)["largest_linear"] * a if weight_format == "fp8_scaled" else 0
     items = {"non_block_weights": sizes["non_block"], "resident_blocks": resident * sizes["block"],
              "stream_slots": slots * sizes["block"], "activations": int(activations), "workspace": workspace}
+    if d["ti2v"]:
+        items["condition"] = condition_bytes(width, height, frames, cfg_batch=cfg_batch, activation_bytes=a,
+                                             config=config)
     total = sum(items.values())
     return {"total": total, "items": items, "tokens": L, "resident": resident, "slots": slots,
             "block_bytes": sizes["block"], "reserve": int(RESERVE_FIXED + RESERVE_FRACTION * total)}
@@ -222,11 +252,12 @@ def human_bytes(nbytes: int) -> str:
 
 def host_activation_bytes(width: int, height: int, frames: int, *, cfg_batch: int, weight_format: str,
                           attention: str, compute_dtype: str, config: Optional[dict] = None) -> int:
-    """Host RAM a CPU sampling step needs beyond the weights (already loaded): activations + workspace."""
+    """Host RAM a CPU sampling step needs beyond the weights (already loaded): activations + workspace
+    (+ the image condition of a TI2V config)."""
     est = estimate_peak(width, height, frames, blocks_on_device=0, cfg_batch=cfg_batch,
                         weight_format=weight_format, attention=attention, compute_dtype=compute_dtype,
                         config=config)
-    return est["items"]["activations"] + est["items"]["workspace"]
+    return est["items"]["activations"] + est["items"]["workspace"] + est["items"].get("condition", 0)
 
 
 def host_plan(width: int, height: int, frames: int, *, available_bytes: Optional[int], guided: bool = True,

@@ -2,10 +2,11 @@
 
 from ..checks import NonFiniteError
 from .noise import SizeError, check_video_size, initial_noise, latent_shape, video_frames
-from .sampler import CONDITIONING_KEYS, sample
-from .schedule import (DEFAULT_PRESET, PRESETS, Preset, euler_step, flow_match_sigmas, guidance, preset_table,
-                       resolve_settings)
+from .sampler import CONDITIONING_KEYS, check_image_inputs, model_is_ti2v, sample
+from .schedule import (DEFAULT_MOTION_SCORE, DEFAULT_PRESET, PRESETS, TI2V_PRESET, Preset, euler_step,
+                       flow_match_sigmas, guidance, preset_for, preset_table, resolve_motion_score, resolve_settings)
 
-__all__ = ["CONDITIONING_KEYS", "DEFAULT_PRESET", "NonFiniteError", "PRESETS", "Preset", "SizeError",
-           "check_video_size", "euler_step", "flow_match_sigmas", "guidance", "initial_noise", "latent_shape",
-           "preset_table", "resolve_settings", "sample", "video_frames"]
+__all__ = ["CONDITIONING_KEYS", "DEFAULT_MOTION_SCORE", "DEFAULT_PRESET", "NonFiniteError", "PRESETS", "Preset",
+           "SizeError", "TI2V_PRESET", "check_image_inputs", "check_video_size", "euler_step", "flow_match_sigmas",
+           "guidance", "initial_noise", "latent_shape", "model_is_ti2v", "preset_for", "preset_table",
+           "resolve_motion_score", "resolve_settings", "sample", "video_frames"]

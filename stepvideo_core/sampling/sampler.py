@@ -1,4 +1,4 @@
-"""The Step-Video-T2V denoising loop (flow matching, Euler, classifier-free guidance).
+"""The Step-Video denoising loop (flow matching, Euler, classifier-free guidance), T2V and TI2V.
 
 What the official ``StepVideoPipeline.__call__`` does, step for step, minus the
 remote servers: the conditioning and the attention mask are cast to the
@@ -6,6 +6,12 @@ transformer's compute dtype, the latents are cast to it for every model call,
 the timestep is cast to the latents' dtype (bf16: the model multiplies it by
 1000 in bf16), the two guidance branches are combined in the model's output
 dtype and the Euler step runs in fp32.
+
+Image-to-video (a Step-Video-TI2V transformer) is the same loop with two more model
+inputs, as the official TI2V pipeline passes them: the first-frame condition (the
+image latent followed by zeros, from :func:`~stepvideo_core.condition.image_condition`),
+given to *both* guidance branches and cast to the compute dtype like the latents, and
+the motion score, a number the model rounds to the compute dtype.
 
 It reports progress and checks for cancellation only through the callbacks it
 is given (``on_step(i, n, latents)``, ``should_stop()``); it never imports ComfyUI.
@@ -25,7 +31,7 @@ from ..checks import NonFiniteError, count_non_finite, finite_float
 from ..lora.apply import attachment_of
 from ..offload.streamer import BlockStreamer, SamplingInterrupted, TorchCuda
 from .noise import initial_noise, latent_shape
-from .schedule import euler_step, flow_match_sigmas, guidance
+from .schedule import DEFAULT_MOTION_SCORE, euler_step, flow_match_sigmas, guidance
 
 log = logging.getLogger("StepVideo")
 
@@ -91,6 +97,47 @@ def _prepared(cond: Mapping, batch: int, dtype: torch.dtype, device: torch.devic
     return out
 
 
+def model_is_ti2v(model: torch.nn.Module) -> bool:
+    """True when ``model`` is a Step-Video-TI2V transformer (its config says so; models without one are T2V)."""
+    return bool(getattr(getattr(model, "config", None), "is_ti2v", False))
+
+
+def check_image_inputs(model: torch.nn.Module, condition: Optional[torch.Tensor], motion_score,
+                       shape: tuple) -> Optional[float]:
+    """The motion score to sample with (None for T2V), after checking the image inputs against ``model``.
+
+    Exists so that a run that cannot be what the user meant fails before the first step with a
+    message saying why: a condition (or a motion score) given to a Step-Video-T2V transformer, no
+    condition for a Step-Video-TI2V one, a condition whose shape is not the latents' ``shape``
+    [B, F, C, h, w] (batch 1 is repeated to B), or one holding NaN/Inf (:class:`NonFiniteError`).
+    A TI2V run without ``motion_score`` uses :data:`~stepvideo_core.sampling.schedule.DEFAULT_MOTION_SCORE`.
+    """
+    if not model_is_ti2v(model):
+        given = [name for name, value in (("an image condition", condition), ("a motion_score", motion_score))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'were' if len(given) > 1 else 'was'} given, but the transformer "
+                             f"is Step-Video-T2V (text-to-video): "
+                             f"image-to-video needs a Step-Video-TI2V transformer (stepvideo-ti2v/transformer)")
+        return None
+    if condition is None:
+        raise ValueError("the transformer is Step-Video-TI2V (image-to-video): it needs the first-frame condition "
+                         f"[1, {shape[1]}, {shape[2]}, {shape[3]}, {shape[4]}] from "
+                         "stepvideo_core.image_condition(vae, image, width=, height=, frames=)")
+    if not isinstance(condition, torch.Tensor):
+        raise ValueError(f"the image condition must be a tensor [1, F, C, h, w], got {type(condition).__name__}")
+    if condition.ndim != 5 or tuple(condition.shape[1:]) != tuple(shape[1:]) or condition.shape[0] not in (1, shape[0]):
+        raise ValueError(f"the image condition must match the latents: expected [1 or {shape[0]}, "
+                         f"{', '.join(map(str, shape[1:]))}] for this size, got {list(condition.shape)} (encode the "
+                         f"image with image_condition at the same width, height and frames)")
+    bad = count_non_finite(condition)
+    if bad:
+        raise NonFiniteError(f"the image condition holds {bad} NaN/Inf value{'s' if bad > 1 else ''} (of "
+                             f"{condition.numel()}): the VAE encode overflowed (encode in bf16 or fp32, not fp16) "
+                             f"or the latent was damaged on its way here")
+    return DEFAULT_MOTION_SCORE if motion_score is None else finite_float(motion_score, "motion_score")
+
+
 def _concat(a: dict, b: dict) -> Optional[dict]:
     """[a; b] along the batch axis, or None when the two cannot share one call (different lengths)."""
     out = {}
@@ -111,7 +158,8 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
            device: Union[str, torch.device, None] = None, blocks_on_device: Optional[int] = None,
            batch_cfg: bool = True, noise: Optional[torch.Tensor] = None,
            on_step: Optional[StepCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
-           streamer_mode: str = "auto", cuda_api: Optional[TorchCuda] = None) -> torch.Tensor:
+           streamer_mode: str = "auto", cuda_api: Optional[TorchCuda] = None,
+           condition: Optional[torch.Tensor] = None, motion_score: Optional[float] = None) -> torch.Tensor:
     """Generate latents: returns fp32 ``[B, frames/17*3, 64, height/16, width/16]`` on the CPU.
 
     * ``positive`` / ``negative``: dicts with ``encoder_hidden_states`` [B, S, 6144],
@@ -131,8 +179,16 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
       :class:`~stepvideo_core.offload.streamer.BlockStreamer` (``cuda_api`` None: torch.cuda's own
       calls; a host such as ComfyUI passes one whose pinning stays within its pinned-memory budget).
 
-    Raises ValueError for a NaN/Inf ``cfg`` or ``shift`` and :class:`NonFiniteError` when the
-    conditioning holds NaN/Inf or the latents turn non-finite after a step (naming the step).
+    * ``condition`` / ``motion_score`` (Step-Video-TI2V only, required / default 5): the
+      first-frame condition ``[1, F, 64, h, w]`` from :func:`~stepvideo_core.condition.image_condition`
+      at this size, repeated to every row of every model call (both guidance branches see the
+      image, as officially) and cast to the compute dtype; the motion score is passed to every
+      call (the model rounds it to the compute dtype).
+
+    Raises ValueError for a NaN/Inf ``cfg``, ``shift`` or ``motion_score``, for image inputs that do
+    not fit the transformer (see :func:`check_image_inputs`), and :class:`NonFiniteError` when the
+    conditioning or the image condition holds NaN/Inf or the latents turn non-finite after a step
+    (naming the step).
     """
     cfg, shift = finite_float(cfg, "cfg"), finite_float(shift, "shift")
     _check_conditioning(positive, "positive")
@@ -148,16 +204,26 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
     shape = latent_shape(width, height, frames, batch, model.config.in_channels)
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {list(shape)} for {width}x{height}x{frames}, got {list(noise.shape)}")
+    motion_score = check_image_inputs(model, condition, motion_score, shape)
 
     sigmas = flow_match_sigmas(steps, shift, device=device)
     latents = (noise if noise is not None else initial_noise(shape, seed)).to(device)
     pos = _prepared(positive, batch, dtype, device)
     neg = _prepared(negative, batch, dtype, device) if guided else None
     both = _concat(pos, neg) if guided and batch_cfg else None
+    image = {}  # the TI2V condition for the one call batch this run uses, in the compute dtype
+    if condition is not None:
+        rows = condition.to(device=device, dtype=dtype).expand(batch, *shape[1:])
+        # batched CFG: [cond; uncond] rows both see the image, as the official .repeat(2) does
+        image = {2 * batch: torch.cat([rows, rows])} if both is not None else {batch: rows.contiguous()}
+        del rows
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         timestep = sigma.expand(x.shape[0]).to(x.dtype)
-        return model(hidden_states=x, timestep=timestep, **cond)
+        if motion_score is None:
+            return model(hidden_states=x, timestep=timestep, **cond)
+        return model(hidden_states=x, timestep=timestep, **cond, condition_hidden_states=image[x.shape[0]],
+                     motion_score=motion_score)
 
     with torch.inference_mode(), BlockStreamer(model, device, blocks_on_device, should_stop=should_stop,
                                                mode=streamer_mode, cuda_api=cuda_api):

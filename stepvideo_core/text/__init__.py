@@ -10,13 +10,14 @@
 """
 
 from .clip import HunyuanClip, load_hunyuan_clip
-from .encoder import (NEGATIVE_PROMPT, OUTPUT_KEYS, POSITIVE_MAGIC, StepVideoTextEncoder, load_text_encoder,
-                      with_magic)
+from .encoder import (MAGIC_PROMPTS, NEGATIVE_PROMPT, OUTPUT_KEYS, POSITIVE_MAGIC, TI2V_MAGIC, TI2V_NEGATIVE_PROMPT,
+                      StepVideoTextEncoder, load_text_encoder, magic_prompts, with_magic)
 from .llm_loader import load_step_llm
 from .step_llm import StepLLM, StepLLMConfig, build_step_llm
 from .streaming import plan, run_step_llm
 from .tokenizer import StepTokenizer
 
-__all__ = ["HunyuanClip", "NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC", "StepLLM", "StepLLMConfig",
-           "StepTokenizer", "StepVideoTextEncoder", "build_step_llm", "load_hunyuan_clip", "load_step_llm",
-           "load_text_encoder", "plan", "run_step_llm", "with_magic"]
+__all__ = ["HunyuanClip", "MAGIC_PROMPTS", "NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC", "StepLLM",
+           "StepLLMConfig", "StepTokenizer", "StepVideoTextEncoder", "TI2V_MAGIC", "TI2V_NEGATIVE_PROMPT",
+           "build_step_llm", "load_hunyuan_clip", "load_step_llm", "load_text_encoder", "magic_prompts", "plan",
+           "run_step_llm", "with_magic"]

@@ -13,7 +13,9 @@ official caption server returns them).
 Prompt conventions of the official pipeline: the positive prompt is
 ``prompt + POSITIVE_MAGIC`` (plain concatenation), the negative prompt is
 ``NEGATIVE_PROMPT`` alone.  :func:`with_magic` applies the first; both strings
-are data, editable by the caller.
+are data, editable by the caller.  Step-Video-TI2V (image-to-video) has its own
+pair, :data:`TI2V_MAGIC` and :data:`TI2V_NEGATIVE_PROMPT`, applied the same way;
+:func:`magic_prompts` picks the pair of a mode ("t2v" or "ti2v").
 
 Cache: encoding is expensive (a 19.6B forward), so each prompt's rows are kept
 in an in-memory LRU keyed by ``(model identity, prompt text, alibi, dtype,
@@ -58,7 +60,29 @@ POSITIVE_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面
                   "自然、生动、超细节、清晰。")
 NEGATIVE_PROMPT = ("画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、"
                    "模糊。")
+# Step-Video-TI2V's defaults (its stepvideo/config.py --pos_magic / --neg_magic; reference stepvideo-ti2v.md §3).
+# Note the negative has no final "。", unlike the T2V one.
+TI2V_MAGIC = ("画面中的主体动作表现生动自然、画面流畅、生动细节、光线统一柔和、超真实动态捕捉、大师级运镜、整体不变形、"
+              "超高清、画面稳定、逼真的细节、专业级构图、超细节、清晰。")
+TI2V_NEGATIVE_PROMPT = ("动画、模糊、变形、毁容、低质量、拼贴、粒状、标志、抽象、插图、计算机生成、扭曲、动作不流畅、"
+                        "面部有褶皱、表情僵硬、畸形手指")
+MAGIC_PROMPTS = {"t2v": (POSITIVE_MAGIC, NEGATIVE_PROMPT), "ti2v": (TI2V_MAGIC, TI2V_NEGATIVE_PROMPT)}
 OUTPUT_KEYS = ("encoder_hidden_states", "encoder_hidden_states_2", "encoder_attention_mask")
+
+
+def magic_prompts(mode: str = "t2v") -> tuple[str, str]:
+    """(positive suffix, negative prompt) the official pipeline of ``mode`` uses: "t2v" (also Turbo) or "ti2v".
+
+    Exists so that callers pick the image-to-video pair by the transformer they run
+    (``"ti2v" if model.is_ti2v else "t2v"``) instead of hard-coding either string.
+    """
+    key = str(mode).lower().replace("-", "").replace("_", "")
+    key = {"stepvideot2v": "t2v", "stepvideot2vturbo": "t2v", "turbo": "t2v", "stepvideoti2v": "ti2v",
+           "i2v": "ti2v"}.get(key, key)
+    if key not in MAGIC_PROMPTS:
+        raise ValueError(f"unknown prompt mode {mode!r}; expected 't2v' (text-to-video, Turbo too) or 'ti2v' "
+                         f"(image-to-video)")
+    return MAGIC_PROMPTS[key]
 
 
 def drop_weights(module: nn.Module) -> int:
@@ -366,5 +390,6 @@ def _identity(llm_dir: Path, clip_folder: Path) -> str:
     return f"{llm_dir}|{clip_folder}|{_fingerprint(text_encoder_files(llm_dir, clip_folder))}"
 
 
-__all__ = ["ClipFolderNotFound", "NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC", "StepVideoTextEncoder",
-           "drop_weights", "load_text_encoder", "resolve_text_encoder_dirs", "with_magic"]
+__all__ = ["ClipFolderNotFound", "MAGIC_PROMPTS", "NEGATIVE_PROMPT", "OUTPUT_KEYS", "POSITIVE_MAGIC",
+           "StepVideoTextEncoder", "TI2V_MAGIC", "TI2V_NEGATIVE_PROMPT", "drop_weights", "load_text_encoder",
+           "magic_prompts", "resolve_text_encoder_dirs", "with_magic"]

@@ -69,7 +69,7 @@ def test_presets_and_overrides():
     assert resolve_settings("Step-Video-T2V") == {"steps": 50, "cfg": 9.0, "shift": 13.0}
     assert resolve_settings("Step-Video-T2V-Turbo") == {"steps": 15, "cfg": 5.0, "shift": 17.0}
     assert resolve_settings("Step-Video-T2V-Turbo", steps=10, cfg=1.0) == {"steps": 10, "cfg": 1.0, "shift": 17.0}
-    assert set(PRESETS) == {"Step-Video-T2V", "Step-Video-T2V-Turbo"}
+    assert set(PRESETS) == {"Step-Video-T2V", "Step-Video-T2V-Turbo", "Step-Video-TI2V"}
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_settings("SDXL")
     with pytest.raises(ValueError, match="steps"):
