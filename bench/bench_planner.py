@@ -1,8 +1,10 @@
 """Memory plans for the released 30B DiT at the official size, for common GPU sizes.
 
-    python bench/bench_planner.py [--json]
+    python bench/bench_planner.py [--json] [--model t2v|ti2v]
 
-Pure arithmetic (no GPU, no weights): prints what the sampler's "auto" would choose.
+Pure arithmetic (no GPU, no weights): prints what the sampler's "auto" would choose.  ``--model ti2v``
+plans the Step-Video-TI2V transformer (128-channel patch embed, motion-score embedder, the image
+condition held per step) at its official 102 frames (and 51).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stepvideo_core.dit import StepVideoDiTConfig  # noqa: E402
 from stepvideo_core.offload.planner import GiB, auto_plan  # noqa: E402
 
-CASES = [(992, 544, 204), (992, 544, 51)]
+CASES = {"t2v": [(992, 544, 204), (992, 544, 51)], "ti2v": [(992, 544, 102), (992, 544, 51)]}
 GPUS = (24, 48, 80)
 FORMATS = ("bf16", "fp8_scaled")
 
@@ -25,13 +28,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true", help="print the full plans as JSON")
     parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--model", choices=sorted(CASES), default="t2v", help="the released T2V or TI2V DiT")
+    parser.add_argument("--free-gib", type=float, nargs="+", default=list(GPUS),
+                        help="free VRAM to plan for, GiB (default: 24 48 80)")
     args = parser.parse_args()
+    config = StepVideoDiTConfig(use_additional_conditions=args.model == "ti2v").to_dict()
     rows = []
-    for width, height, frames in CASES:
+    for width, height, frames in CASES[args.model]:
         for fmt in FORMATS:
-            for gib in GPUS:
-                plan = auto_plan(width, height, frames, free_bytes=gib * GiB, weight_format=fmt,
-                                 attention=args.attention)
+            for gib in args.free_gib:
+                plan = auto_plan(width, height, frames, free_bytes=int(gib * GiB), weight_format=fmt,
+                                 attention=args.attention, config=config)
                 rows.append(dict(size=f"{height}x{width}x{frames}", weights=fmt, gpu_gib=gib, **plan))
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -39,7 +46,7 @@ def main() -> int:
     print(f"{'size':>14} {'weights':>10} {'GPU':>5} {'blocks':>7} {'CFG':>10} {'peak GiB':>9} "
           f"{'activ. GiB':>10} {'fits':>5}")
     for r in rows:
-        print(f"{r['size']:>14} {r['weights']:>10} {r['gpu_gib']:>4}G {r['blocks_on_device']:>4}/48 "
+        print(f"{r['size']:>14} {r['weights']:>10} {r['gpu_gib']:>4g}G {r['blocks_on_device']:>4}/48 "
               f"{'batched' if r['batch_cfg'] else 'one-by-one':>10} {r['peak_bytes'] / GiB:>9.1f} "
               f"{r['items']['activations'] / GiB:>10.1f} {str(r['fits']):>5}")
     return 0

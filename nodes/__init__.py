@@ -1,9 +1,9 @@
 """ComfyUI nodes of the StepVideo pack: one module per node family, merged here."""
 
-from . import lora, model, native, sampler, text, vae
+from . import image, lora, model, native, sampler, text, vae
 
 # `native` (Step-Video as a ComfyUI MODEL) registers its nodes only inside ComfyUI.
-_FAMILIES = (model, text, vae, sampler, lora, native)
+_FAMILIES = (model, text, vae, image, sampler, lora, native)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -86,8 +86,11 @@ def summarize(handle: StepVideoModelHandle, name: str, seconds: float) -> str:
         dtype = f"fp8_scaled blocks, compute {dtype}"
     stored = sum(t.numel() * t.element_size() for t in (*handle.transformer.parameters(),
                                                          *handle.transformer.buffers()))
+    kind = ("Step-Video-TI2V (image-to-video: connect StepVideo Image to Video to the sampler)"
+            if getattr(cfg, "is_ti2v", False) else "Step-Video-T2V (text-to-video)")
     return "\n".join([
         f"Step-Video DiT: {name}",
+        kind,
         f"{cfg.num_layers} layers, width {heads * head_dim} ({heads} heads x {head_dim})",
         f"{format_count(handle.transformer.num_parameters())} parameters, {dtype} ({stored / 1e9:.2f} GB)",
         f"blocks on device: {handle.blocks_on_device}",
@@ -97,7 +100,7 @@ def summarize(handle: StepVideoModelHandle, name: str, seconds: float) -> str:
 
 
 class StepVideoModelLoader:
-    """Loads the Step-Video-T2V DiT (official folder or single .safetensors file)."""
+    """Loads the Step-Video DiT, T2V or TI2V (official folder or single .safetensors file)."""
 
     CATEGORY = "StepVideo/loaders"
     FUNCTION = "load"

@@ -95,8 +95,11 @@ class StepVideoNativeModelLoader:
         dtype_name = str(dit.compute_dtype).replace("torch.", "")
         if dit.weight_format == "fp8_scaled":
             dtype_name = f"fp8_scaled blocks, compute {dtype_name}"
+        kind = ("Step-Video-TI2V (image-to-video: add StepVideo Native Image to Video before the sampler)"
+                if dit.is_ti2v else "Step-Video-T2V (text-to-video)")
         summary = "\n".join([
             f"Step-Video DiT (native): {model}",
+            kind,
             f"{cfg.num_layers} layers, width {cfg.inner_dim}; {format_count(dit.num_parameters())} parameters, "
             f"{dtype_name} ({stored / 1e9:.2f} GB)",
             f"load device {patcher.load_device}, offload device {patcher.offload_device} (ComfyUI-managed)",
@@ -128,14 +131,15 @@ class StepVideoNativeTextEncode:
     def INPUT_TYPES(cls):
         from .text import StepVideoTextEncode
 
-        spec = StepVideoTextEncode.INPUT_TYPES()["required"]  # the same widgets (and tooltips) as the text family's
-        return {"required": {name: spec[name] for name in ("text_encoder", "prompt", "add_magic")}}
+        spec = StepVideoTextEncode.INPUT_TYPES()  # the same widgets (and tooltips) as the text family's
+        return {"required": {name: spec["required"][name] for name in ("text_encoder", "prompt", "add_magic")},
+                "optional": dict(spec["optional"])}
 
-    def encode(self, text_encoder, prompt, add_magic):
-        """Return the UI note and the CONDITIONING of ``prompt`` (+ the magic suffix if asked)."""
+    def encode(self, text_encoder, prompt, add_magic, magic="Step-Video-T2V"):
+        """Return the UI note and the CONDITIONING of ``prompt`` (+ ``magic``'s suffix if asked)."""
         from .text import StepVideoTextEncode
 
-        out = StepVideoTextEncode().encode(text_encoder=text_encoder, prompt=prompt, add_magic=add_magic)
+        out = StepVideoTextEncode().encode(text_encoder=text_encoder, prompt=prompt, add_magic=add_magic, magic=magic)
         (cond,) = out["result"]
         return {"ui": out.get("ui", {}), "result": (_native().native_conditioning(conditioning_dict(cond, "prompt")),)}
 
@@ -157,6 +161,47 @@ class StepVideoNativeConditioning:
 
     def convert(self, conditioning):
         return (_native().native_conditioning(conditioning_dict(conditioning, "conditioning")),)
+
+
+class StepVideoNativeImageToVideo:
+    """Step-Video-TI2V on the native MODEL: adds the first frame and the motion score to both conditionings."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    OUTPUT_TOOLTIPS = ("The positive conditioning with the image condition and motion score.",
+                       "The negative conditioning with the same (both guidance branches see the image).",
+                       "An empty latent of this size, for the sampler.")
+    DESCRIPTION = (
+        "Image-to-video with a Step-Video-TI2V native model (like core's WanImageToVideo): the first frame of the "
+        "image is resized to cover width x height, centre-cropped and encoded by the VAE as the first latent "
+        "frame (the rest are zeros); ComfyUI concatenates it to the latents before every DiT call."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .image import StepVideoImageToVideo
+
+        spec = StepVideoImageToVideo.INPUT_TYPES()["required"]
+        return {"required": {
+            "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+            **{name: spec[name] for name in ("vae", "image", "width", "height", "frames")},
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "motion_score": spec["motion_score"], "seed": spec["seed"],
+        }}
+
+    def encode(self, positive, negative, vae, image, width, height, frames, batch_size, motion_score, seed):
+        """Return (positive, negative, latent) with the TI2V image condition; bad inputs raise ValueError."""
+        from .image import encode_first_frame
+
+        motion_score = finite_float(motion_score, "motion_score")
+        condition = encode_first_frame(vae, image, width, height, frames, seed)   # [1, F, C, h, w]
+        native = _native()
+        _, f, c, h, w = condition.shape  # the empty latent has the VAE's channels (64 for the release)
+        latent = {"samples": torch.zeros((int(batch_size), c, f, h, w), device=native.intermediate_device())}
+        return (native.with_image_condition(positive, condition, motion_score),
+                native.with_image_condition(negative, condition, motion_score), latent)
 
 
 # --------------------------------------------------------------------------- latent, sigmas, noise
@@ -286,6 +331,7 @@ NATIVE_NODES = {
     "StepVideoNativeModelLoader": (StepVideoNativeModelLoader, "StepVideo Native Model Loader"),
     "StepVideoNativeTextEncode": (StepVideoNativeTextEncode, "StepVideo Native Text Encode"),
     "StepVideoNativeConditioning": (StepVideoNativeConditioning, "StepVideo Native Conditioning"),
+    "StepVideoNativeImageToVideo": (StepVideoNativeImageToVideo, "StepVideo Native Image to Video"),
     "StepVideoEmptyLatent": (StepVideoEmptyLatent, "StepVideo Empty Latent"),
     "StepVideoScheduler": (StepVideoScheduler, "StepVideo Scheduler"),
     "StepVideoNoise": (StepVideoNoise, "StepVideo Noise"),

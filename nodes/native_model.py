@@ -40,6 +40,7 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models_base
+import comfy.utils
 
 from ..stepvideo_core import fp8
 from ..stepvideo_core import ops as core_ops
@@ -57,9 +58,12 @@ DEFAULT_SHIFT = 13.0
 # Keys of the CONDITIONING dict (beside the Step-LLM states in the tensor slot).
 CLIP_KEY = "stepvideo_clip_states"      # HunyuanCLIP states [B, 77, 1024]
 MASK_KEY = "attention_mask"             # cross-attention mask [B, 77 + 320]: 77 CLIP ones, then the LLM mask
+IMAGE_KEY = "stepvideo_image_condition"  # TI2V: first-frame condition [1, C, F, h, w] (ComfyUI layout)
+MOTION_KEY = "stepvideo_motion_score"    # TI2V: the motion score (a float)
 # Model-cond names, i.e. the diffusion model's keyword arguments.
 CLIP_COND = "encoder_hidden_states_2"
 MASK_COND = "encoder_attention_mask"
+MOTION_COND = "motion_score"
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # ComfyUI's flash-attention memory formula is  area * dtype_size * 0.01 * factor  MiB with area = B * F*h*w
 # tokens; the planner counts PEAK_UNITS copies of the hidden states (B * L * D * dtype_size bytes) at a
@@ -301,7 +305,10 @@ class StepVideoDiffusionModel(StepVideoTransformer):
 
     def _forward(self, x, timestep, context, encoder_hidden_states_2=None, encoder_attention_mask=None,
                  transformer_options=None, **kwargs):
-        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+        if not self.is_ti2v and kwargs.get(MOTION_COND) is not None:
+            raise ValueError("StepVideo: the conditioning carries an image (StepVideo Native Image to Video) but the "
+                             "model is Step-Video-T2V; load a Step-Video-TI2V transformer")
+        if x.ndim != 5 or x.shape[1] not in (self.config.in_channels, self.config.patch_in_channels):
             raise ValueError(f"StepVideo: the latent must be a Step-Video latent [B, {self.config.in_channels}, F, "
                              f"h, w] (StepVideo Empty Latent or StepVideo VAE Encode), got shape {list(x.shape)}")
         if context is None or context.shape[-1] != self.config.caption_dim:
@@ -311,13 +318,31 @@ class StepVideoDiffusionModel(StepVideoTransformer):
         dtype = self.compute_dtype
         sigma = 1 - timestep.float()  # sigma_c -> the official sigma (0 = noise); exact for the official schedule
         mask = None if encoder_attention_mask is None else encoder_attention_mask.to(device=x.device, dtype=dtype)
+        latents, image = self._split_image_condition(x, kwargs.get(MOTION_COND))
         self._native_options = {} if transformer_options is None else transformer_options
         try:
-            velocity = StepVideoTransformer.forward(self, x.movedim(1, 2), sigma.to(dtype), context,
-                                                    encoder_hidden_states_2, mask)
+            velocity = StepVideoTransformer.forward(self, latents.movedim(1, 2), sigma.to(dtype), context,
+                                                    encoder_hidden_states_2, mask, **image)
         finally:
             self._native_options = None
         return velocity.neg_().movedim(2, 1)
+
+    def _split_image_condition(self, x: torch.Tensor, motion_score) -> tuple[torch.Tensor, dict]:
+        """(latents, TI2V keyword arguments) of the model input.
+
+        ComfyUI concatenates the image condition (``c_concat``) to the latents on the channel axis
+        before calling -- what the official TI2V ``patchfy`` does first -- so a TI2V call arrives with
+        2 x 64 channels and is split back into the latents and ``condition_hidden_states``.
+        """
+        channels = self.config.in_channels
+        if not self.is_ti2v:  # (an image for a T2V model was refused in _forward)
+            return x, {}
+        if x.shape[1] != 2 * channels or motion_score is None:
+            raise ValueError("StepVideo: the model is Step-Video-TI2V (image-to-video): put StepVideo Native Image "
+                             "to Video between the text encoders and the sampler (it adds the first frame and the "
+                             "motion score to the positive and negative conditioning)")
+        return x[:, :channels], {"condition_hidden_states": x[:, channels:].movedim(1, 2),
+                                 "motion_score": float(motion_score)}
 
     def run_blocks(self, holder: list, context: torch.Tensor, t6: torch.Tensor, rope: tuple,
                    mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -370,7 +395,24 @@ class StepVideoBaseModel(comfy.model_base.BaseModel):
         mask = kwargs.get(MASK_KEY)
         if mask is not None:
             out[MASK_COND] = comfy.conds.CONDRegular(mask)
+        motion = kwargs.get(MOTION_KEY)
+        if motion is not None:  # one number for the whole batch: cond and uncond still share a call
+            out[MOTION_COND] = comfy.conds.CONDConstant(float(motion))
         return out
+
+    def concat_cond(self, **kwargs):
+        """The TI2V first-frame condition, repeated to the batch: ComfyUI concatenates it to the latents on the
+        channel axis (``c_concat``) before every call, as the official patch embed's input is built."""
+        image = kwargs.get(IMAGE_KEY)
+        if image is None:
+            return None
+        noise = kwargs.get("noise")
+        if noise is not None and tuple(image.shape[1:]) != tuple(noise.shape[1:]):
+            raise ValueError(f"StepVideo: the image condition is {list(image.shape[1:])} but the latent is "
+                             f"{list(noise.shape[1:])}: StepVideo Native Image to Video and the latent must have the "
+                             f"same width, height and frames (use its latent output)")
+        batch = noise.shape[0] if noise is not None else image.shape[0]
+        return comfy.utils.resize_to_batch_size(image, batch).to(kwargs.get("device", image.device))
 
     def process_timestep(self, timestep, **kwargs):
         """ComfyUI's model timestep is ``sigma * multiplier``; the diffusion model takes sigma_c itself.
@@ -465,6 +507,13 @@ def is_stepvideo_patcher(model) -> bool:
 
 
 # --------------------------------------------------------------------------- conditioning
+
+
+def with_image_condition(conditioning: list, condition: torch.Tensor, motion_score: float) -> list:
+    """``conditioning`` with the TI2V first-frame condition (official layout [1, F, C, h, w]) and motion score
+    added to every entry (both guidance branches see the image, as officially); the input is not changed."""
+    image = condition.movedim(1, 2).contiguous()  # -> ComfyUI's [1, C, F, h, w]
+    return [[states, {**extras, IMAGE_KEY: image, MOTION_KEY: float(motion_score)}] for states, extras in conditioning]
 
 
 def native_conditioning(dit_inputs: dict) -> list:

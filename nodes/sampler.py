@@ -20,7 +20,7 @@ from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS
 from ..stepvideo_core.sampling.preview import default_factors, fit_from_vae, preview_frame
 from ..stepvideo_core.vae.latents import to_comfy_latent
 from . import comfy_bridge as bridge
-from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_MODEL
+from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_IMAGE_CONDITION, STEPVIDEO_MODEL
 
 log = logging.getLogger("StepVideo")
 
@@ -40,6 +40,30 @@ def conditioning_dict(cond, name: str) -> dict:
 def settings(preset: str, steps: int, cfg: float, shift: float) -> dict:
     """Preset values, each replaced by its widget when the widget is not 0 (0 = "from the preset")."""
     return resolve_settings(preset, steps or None, cfg or None, shift or None)
+
+
+def image_inputs(model_handle, image_condition, width: int, height: int, frames: int) -> dict:
+    """The sampler's image-to-video keyword arguments (``condition``, ``motion_score``), or {} for T2V.
+
+    Exists so that a graph that cannot be what the user meant fails before any weight moves, with the
+    node names to fix it: a TI2V model without StepVideo Image to Video, an image condition given to a
+    T2V model, or a condition made for another video size than the sampler's.
+    """
+    ti2v = bool(getattr(model_handle.config, "is_ti2v", False))
+    if image_condition is None:
+        if ti2v:
+            raise ValueError("StepVideo Sampler: the model is Step-Video-TI2V (image-to-video): connect StepVideo "
+                             "Image to Video (a Load Image and the VAE) to the image_condition input")
+        return {}
+    if not ti2v:
+        raise ValueError("StepVideo Sampler: an image_condition is connected but the model is Step-Video-T2V "
+                         "(text-to-video); load a Step-Video-TI2V transformer (stepvideo-ti2v) or disconnect it")
+    made_for = (image_condition.width, image_condition.height, image_condition.frames)
+    if made_for != (width, height, frames):
+        raise ValueError(f"StepVideo Sampler: the image condition was made for {made_for[0]}x{made_for[1]}x"
+                         f"{made_for[2]} (StepVideo Image to Video) but the sampler is set to {width}x{height}x"
+                         f"{frames}; set both to the same width, height and frames")
+    return {"condition": image_condition.latent, "motion_score": image_condition.motion_score}
 
 
 def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> dict:
@@ -87,8 +111,9 @@ class StepVideoSampler:
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("Video latent [B, 64, frames/17*3, height/16, width/16] for StepVideoVAEDecode.",)
-    DESCRIPTION = ("Runs the Step-Video-T2V DiT: the official flow-matching schedule, Euler steps and "
-                   "classifier-free guidance. Blocks that do not fit on the GPU are streamed from RAM.")
+    DESCRIPTION = ("Runs the Step-Video DiT: the official flow-matching schedule, Euler steps and "
+                   "classifier-free guidance. Blocks that do not fit on the GPU are streamed from RAM. With a "
+                   "Step-Video-TI2V model, connect StepVideo Image to Video to image_condition (image-to-video).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -122,11 +147,14 @@ class StepVideoSampler:
                 "preview_vae": ("STEPVIDEO_VAE", {
                     "tooltip": "Optional: the VAE, to colour the step previews. A 64->RGB map is fitted once per "
                                "loaded VAE from a few synthetic colour clips; without it previews are grey."}),
+                "image_condition": (STEPVIDEO_IMAGE_CONDITION, {
+                    "tooltip": "Image-to-video (a Step-Video-TI2V model): the first frame and motion score from "
+                               "StepVideo Image to Video, made for this width, height and frames."}),
             },
         }
 
     def sample(self, model, positive, negative, preset, width, height, frames, steps, cfg, shift, seed,
-               preview_vae=None):
+               preview_vae=None, image_condition=None):
         """Return the UI summary and ``({"samples": [B, C, F, h, w]},)``.
 
         A NaN/Inf cfg or shift raises ValueError (a JSON NaN passes ComfyUI's min/max check);
@@ -134,6 +162,7 @@ class StepVideoSampler:
         never a black video.
         """
         run = settings(preset, steps, cfg, shift)
+        image = image_inputs(model, image_condition, width, height, frames)
         guided = run["cfg"] > 1.0
         pos = conditioning_dict(positive, "positive")
         neg = conditioning_dict(negative, "negative") if guided else None
@@ -160,14 +189,15 @@ class StepVideoSampler:
                                  device=model.device,
                                  blocks_on_device=plan["blocks_on_device"] if streamed else None,
                                  batch_cfg=plan["batch_cfg"], on_step=on_step,
-                                 should_stop=bridge.interrupt_requested, cuda_api=bridge.cuda_api())
+                                 should_stop=bridge.interrupt_requested, cuda_api=bridge.cuda_api(), **image)
         except SamplingInterrupted:
             bridge.check_interrupt()  # ComfyUI's own interrupt exception (weights are already home)
             raise
         finally:
             bridge.empty_cache()
         seconds = time.perf_counter() - start
-        summary = (f"{run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {seed}; "
+        mode = f"image-to-video, motion score {image['motion_score']:g}; " if image else ""
+        summary = (f"{mode}{run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {seed}; "
                    f"{width}x{height}x{frames} -> latent {list(latents.shape)}; {plan['message']}"
                    f"{'' if plan.get('batch_cfg', True) else ' (CFG one branch at a time)'}; {seconds:.1f} s")
         log.info("StepVideo sampler: %s", summary)

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..stepvideo_core import load_text_encoder
-from ..stepvideo_core.text.encoder import (NEGATIVE_PROMPT, StepVideoTextEncoder, resolve_text_encoder_dirs,
+from ..stepvideo_core.text.encoder import (NEGATIVE_PROMPT, StepVideoTextEncoder, magic_prompts,
+                                           resolve_text_encoder_dirs,
                                            text_encoder_files, with_magic)
 from ..stepvideo_core.text.streaming import DEFAULT_HEADROOM, PLANS, activation_bytes, stream_bytes
 from ..stepvideo_core.text.tokenizer import MAX_LENGTH
@@ -284,6 +285,38 @@ class StepVideoTextEncoderLoader:
         return {"ui": {"text": [summary]}, "result": (handle,)}
 
 
+# Which official prompt pair a text node uses: the model it encodes for (T2V and Turbo share theirs).
+MAGIC_MODES = {"Step-Video-T2V": "t2v", "Step-Video-TI2V": "ti2v"}
+CUSTOM_NEGATIVE = "as written"
+
+
+def magic_input() -> tuple:
+    """The optional ``magic`` combo: whose official positive suffix ``add_magic`` appends.
+
+    Optional (not required) so that workflows saved before it existed still validate in the API."""
+    return (list(MAGIC_MODES), {"default": "Step-Video-T2V",
+                                "tooltip": "Whose official suffix add_magic appends: Step-Video-T2V (also Turbo): "
+                                           + magic_prompts("t2v")[0] + " / Step-Video-TI2V (image-to-video): "
+                                           + magic_prompts("ti2v")[0]})
+
+
+def positive_text(prompt: str, add_magic: bool, magic: str = "Step-Video-T2V") -> str:
+    """The positive prompt as encoded: ``prompt`` plus the official suffix of ``magic``'s model when asked."""
+    if magic not in MAGIC_MODES:
+        raise ValueError(f"StepVideo: unknown magic {magic!r}; expected one of {list(MAGIC_MODES)}")
+    return with_magic(prompt, bool(add_magic), magic_prompts(MAGIC_MODES[magic])[0])
+
+
+def negative_text(prompt: str, official: str = CUSTOM_NEGATIVE) -> str:
+    """The negative prompt as encoded: ``prompt`` as written, or the official negative of ``official``'s model."""
+    if official == CUSTOM_NEGATIVE:
+        return prompt
+    if official not in MAGIC_MODES:
+        raise ValueError(f"StepVideo: unknown official negative {official!r}; expected one of "
+                         f"{[CUSTOM_NEGATIVE, *MAGIC_MODES]}")
+    return magic_prompts(MAGIC_MODES[official])[1]
+
+
 class StepVideoTextEncode:
     """Encodes a positive prompt (Chinese, English or mixed) for the Step-Video DiT."""
 
@@ -307,14 +340,15 @@ class StepVideoTextEncode:
                                       "tooltip": "What the video shows; Chinese, English or both."}),
                 "add_magic": ("BOOLEAN", {
                     "default": True,
-                    "tooltip": "Append the official positive suffix: " + with_magic("", True),
+                    "tooltip": "Append the official positive suffix (see magic): " + with_magic("", True),
                 }),
-            }
+            },
+            "optional": {"magic": magic_input()},
         }
 
-    def encode(self, text_encoder, prompt, add_magic):
-        """Return the UI note and the STEPVIDEO_CONDITIONING of ``prompt`` (+ the magic suffix if asked)."""
-        return encode_prompt(text_encoder, with_magic(prompt, bool(add_magic)))
+    def encode(self, text_encoder, prompt, add_magic, magic="Step-Video-T2V"):
+        """Return the UI note and the STEPVIDEO_CONDITIONING of ``prompt`` (+ ``magic``'s suffix if asked)."""
+        return encode_prompt(text_encoder, positive_text(prompt, add_magic, magic))
 
 
 class StepVideoNegativeTextEncode:
@@ -337,12 +371,19 @@ class StepVideoNegativeTextEncode:
                 "text_encoder": (STEPVIDEO_TEXT_ENCODER,),
                 "prompt": ("STRING", {"multiline": True, "default": NEGATIVE_PROMPT,
                                       "tooltip": "What the video should avoid; the official default is pre-filled."}),
-            }
+            },
+            "optional": {
+                "official": ([CUSTOM_NEGATIVE, *MAGIC_MODES], {
+                    "default": CUSTOM_NEGATIVE,
+                    "tooltip": "as written: encode the prompt above. Step-Video-T2V / Step-Video-TI2V: encode that "
+                               "model's official negative prompt instead (TI2V: " + magic_prompts("ti2v")[1] + ")."}),
+            },
         }
 
-    def encode(self, text_encoder, prompt):
-        """Return the UI note and the STEPVIDEO_CONDITIONING of the negative ``prompt`` as written."""
-        return encode_prompt(text_encoder, prompt)
+    def encode(self, text_encoder, prompt, official=CUSTOM_NEGATIVE):
+        """Return the UI note and the STEPVIDEO_CONDITIONING of the negative ``prompt`` as written
+        (or of the official negative prompt of ``official``'s model)."""
+        return encode_prompt(text_encoder, negative_text(prompt, official))
 
 
 class StepVideoTextEncoderMemory:

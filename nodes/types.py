@@ -92,3 +92,23 @@ class StepVideoConditioning:
         return {"encoder_hidden_states": self.encoder_hidden_states,
                 "encoder_hidden_states_2": self.encoder_hidden_states_2,
                 "encoder_attention_mask": self.encoder_attention_mask}
+
+
+STEPVIDEO_IMAGE_CONDITION = "STEPVIDEO_IMAGE_CONDITION"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepVideoImageCondition:
+    """What a ``STEPVIDEO_IMAGE_CONDITION`` socket carries: a Step-Video-TI2V run's first-frame condition.
+
+    `latent` is :func:`stepvideo_core.image_condition`'s output, fp32 on the CPU, in the official
+    layout [1, frames/17*3, 64, height/16, width/16] (the image latent, then zeros); `width`,
+    `height` and `frames` are the video size it was made for (the sampler's must equal them);
+    `motion_score` is what the sampler passes to the model at every step.
+    """
+
+    latent: torch.Tensor
+    width: int
+    height: int
+    frames: int
+    motion_score: float

@@ -20,7 +20,7 @@ from stepvideo_core.text.encoder import NEGATIVE_PROMPT
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-NAMES = ("stepvideo_t2v", "stepvideo_t2v_turbo", "stepvideo_t2v_24gb", "stepvideo_t2v_native",
+NAMES = ("stepvideo_t2v", "stepvideo_t2v_turbo", "stepvideo_t2v_24gb", "stepvideo_ti2v", "stepvideo_t2v_native",
          "stepvideo_t2v_24gb_native")
 NATIVE = {"stepvideo_t2v_native": "stepvideo_t2v", "stepvideo_t2v_24gb_native": "stepvideo_t2v_24gb"}  # -> one-node twin
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -35,6 +35,8 @@ CORE = {
                                ("format.codec", ["auto", "h264", "av1"]),
                                ("format.codec.encoding", ["auto", "re-encode"]), ("codec", ["auto", "h264", "av1"])]),
     "Note": dict(inputs={}, required=set(), outputs=[], widgets=[("text", ("STRING",))], virtual=True),
+    "LoadImage": dict(inputs={}, required=set(), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                      widgets=[("image", ["example.png"]), ("upload", ["image"])]),
     "KSamplerSelect": dict(inputs={}, required=set(), outputs=[("SAMPLER", "SAMPLER")],
                            widgets=[("sampler_name", ["euler", "uni_pc", "dpmpp_2m", "res_multistep"])]),
     "CFGGuider": dict(inputs={"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING"},
@@ -59,15 +61,17 @@ def load(name: str, api: bool = False) -> dict:
 def documented_models(models_dir):
     """The README's model layout, with empty placeholder files (the combos only look at names and folders)."""
     release = models_dir / "diffusion_models" / "stepvideo-t2v"
-    for folder in (release / "transformer", models_dir / "diffusion_models" / "stepvideo-t2v-turbo" / "transformer"):
+    for folder in (release / "transformer", models_dir / "diffusion_models" / "stepvideo-t2v-turbo" / "transformer",
+                   models_dir / "diffusion_models" / "stepvideo-ti2v" / "transformer"):
         folder.mkdir(parents=True)
         for file in ("config.json", "diffusion_pytorch_model.safetensors.index.json"):
             (folder / file).touch()
-    text = models_dir / "text_encoders" / "stepvideo-t2v"
-    for folder in ("step_llm", "hunyuan_clip/clip_text_encoder", "hunyuan_clip/tokenizer"):
-        (text / folder).mkdir(parents=True)
-    for file in ("config.json", "model.safetensors.index.json", "step1_chat_tokenizer.model"):
-        (text / "step_llm" / file).touch()
+    for release_name in ("stepvideo-t2v", "stepvideo-ti2v"):
+        text = models_dir / "text_encoders" / release_name
+        for folder in ("step_llm", "hunyuan_clip/clip_text_encoder", "hunyuan_clip/tokenizer"):
+            (text / folder).mkdir(parents=True)
+        for file in ("config.json", "model.safetensors.index.json", "step1_chat_tokenizer.model"):
+            (text / "step_llm" / file).touch()
     (models_dir / "vae" / "stepvideo").mkdir()
     (models_dir / "vae" / "stepvideo" / "vae_v2.safetensors").touch()
     return models_dir
@@ -177,7 +181,8 @@ def test_api_twin_is_the_same_graph(pack, name):
     for nid, entry in api.items():
         node = nodes[nid]
         assert entry["class_type"] == node["type"] and entry["_meta"]["title"]
-        expected = {w: v for w, v in node["widgets_values_named"].items() if w != "control_after_generate"}
+        expected = {w: v for w, v in node["widgets_values_named"].items()
+                    if w != "control_after_generate" and (node["type"], w) != ("LoadImage", "upload")}  # UI-only
         for link_id, src, src_slot, dst, dst_slot, _ in wf["links"]:
             if str(dst) == nid:
                 expected[node["inputs"][dst_slot]["name"]] = [str(src), src_slot]
@@ -191,14 +196,37 @@ def widgets(name: str) -> dict:
 
 @pytest.mark.parametrize("name,preset", [("stepvideo_t2v", "Step-Video-T2V"), ("stepvideo_t2v_turbo",
                                                                                "Step-Video-T2V-Turbo"),
-                                         ("stepvideo_t2v_24gb", "Step-Video-T2V")])
+                                         ("stepvideo_t2v_24gb", "Step-Video-T2V"), ("stepvideo_ti2v", "Step-Video-TI2V")])
 def test_sampler_uses_the_preset_and_a_valid_size(name, preset):
     s = widgets(name)["StepVideoSampler"]
     p = PRESETS[preset]
     assert s["preset"] == preset and (s["steps"], s["cfg"], s["shift"]) == (p.steps, p.cfg, p.shift)
     assert resolve_settings(preset, s["steps"], s["cfg"], s["shift"]) == dict(steps=p.steps, cfg=p.cfg, shift=p.shift)
-    assert (s["width"], s["height"], s["frames"]) == (992, 544, 204)
+    assert (s["width"], s["height"], s["frames"]) == (992, 544, p.frames)
     check_video_size(s["width"], s["height"], s["frames"])
+
+
+def test_the_ti2v_workflow_is_the_official_image_to_video_run():
+    """Official TI2V settings (reference stepvideo-ti2v.md section 3): 102 frames, motion score 5, its own magic
+    prompts, the image condition made for the sampler's size from a Load Image, and the TI2V release's files."""
+    from stepvideo_core.text.encoder import TI2V_NEGATIVE_PROMPT
+
+    wf = widgets("stepvideo_ti2v")
+    sampler, image = wf["StepVideoSampler"], wf["StepVideoImageToVideo"]
+    assert (sampler["frames"], image["motion_score"]) == (102, 5.0)
+    assert {k: image[k] for k in ("width", "height", "frames")} == {k: sampler[k] for k in ("width", "height", "frames")}
+    assert wf["StepVideoTextEncode"]["add_magic"] and wf["StepVideoTextEncode"]["magic"] == "Step-Video-TI2V"
+    assert wf["StepVideoNegativeTextEncode"] == {"prompt": TI2V_NEGATIVE_PROMPT, "official": "Step-Video-TI2V"}
+    assert wf["StepVideoModelLoader"]["model"] == "stepvideo-ti2v"
+    assert wf["StepVideoTextEncoderLoader"]["step_llm"] == wf["StepVideoTextEncoderLoader"]["hunyuan_clip"] == \
+        "stepvideo-ti2v"
+    graph = load("stepvideo_ti2v")
+    types = {n["id"]: n["type"] for n in graph["nodes"]}
+    linked = {(types[link[1]], types[link[3]]) for link in graph["links"]}
+    assert {("LoadImage", "StepVideoImageToVideo"), ("StepVideoImageToVideo", "StepVideoSampler"),
+            ("StepVideoVAELoader", "StepVideoImageToVideo")} <= linked
+    for where in ("models/diffusion_models/stepvideo-ti2v/", "models/text_encoders/stepvideo-ti2v/"):
+        assert where in wf["Note"]["text"]
 
 
 def test_each_workflow_does_its_job():

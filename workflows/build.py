@@ -53,6 +53,14 @@ CORE_NODES = {
     },
     "Note": {"title": "Note", "virtual": True, "inputs": [], "outputs": [],
              "widgets": [("text", {"type": "STRING", "default": ""})]},
+    # nodes.py of v0.33; the frontend adds the upload button as a second widget, value "image".
+    "LoadImage": {
+        "title": "Load Image",
+        "inputs": [],
+        "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+        "widgets": [("image", {"options": ["example.png"]}),   # ComfyUI's input/ ships example.png
+                    ("upload", {"options": ["image"], "default": "image", "ui_only": True})],
+    },
     # The native workflows' sampling: comfy_extras/nodes_custom_sampler.py of v0.33.
     "KSamplerSelect": {
         "title": "KSamplerSelect",
@@ -192,6 +200,60 @@ def graph(model: str, weight_dtype: str, blocks: str, device_plan: str, preset: 
     ]
 
 
+TI2V_PROMPT = ("The camera slowly pushes in; the subject comes to life with natural, gentle motion, soft light "
+               "and a light breeze moving through the scene.")
+FILES_TI2V = """\
+Model files: the official stepvideo-ti2v release (stepfun-ai/stepvideo-ti2v), folders kept as downloaded.
+
+ComfyUI/models/diffusion_models/stepvideo-ti2v/  the release folder (at least transformer/)
+ComfyUI/models/text_encoders/stepvideo-ti2v/     the same folder (step_llm/ and hunyuan_clip/, the T2V ones)
+ComfyUI/models/vae/stepvideo/vae_v2.safetensors  vae/vae_v2.safetensors of the release (the T2V VAE)
+
+One download is enough: link the release folder into diffusion_models/ and text_encoders/."""
+
+
+def ti2v_graph(note: str, prefix: str, seed: int = 1234) -> list[dict]:
+    """The image-to-video graph: Load Image -> StepVideo Image to Video -> StepVideo Sampler (TI2V preset)."""
+    from stepvideo_core.sampling import PRESETS, TI2V_PRESET
+    from stepvideo_core.text.encoder import TI2V_NEGATIVE_PROMPT
+
+    p = PRESETS[TI2V_PRESET]
+    size = {"width": 992, "height": 544, "frames": p.frames}
+    return [
+        dict(id=1, type="Note", pos=[40, 40], size=[560, 250], title="Read me: model files",
+             widgets={"text": note}),
+        dict(id=2, type="StepVideoModelLoader", pos=[40, 330], size=[360, 190],
+             widgets={"model": "stepvideo-ti2v", "weight_dtype": "auto", "attention": "sdpa",
+                      "blocks_on_device": "auto"}),
+        dict(id=3, type="StepVideoTextEncoderLoader", pos=[40, 570], size=[360, 180],
+             widgets={"step_llm": "stepvideo-ti2v", "hunyuan_clip": "stepvideo-ti2v", "weight_dtype": "default",
+                      "alibi": True, "device_plan": "auto"}),
+        dict(id=4, type="StepVideoVAELoader", pos=[40, 790], size=[360, 90],
+             widgets={"vae_name": "stepvideo/vae_v2.safetensors", "weight_dtype": "default"}),
+        dict(id=5, type="LoadImage", pos=[40, 920], size=[360, 320], title="First frame",
+             widgets={"image": "example.png", "upload": "image"}),
+        dict(id=6, type="StepVideoTextEncode", pos=[440, 330], size=[420, 220],
+             widgets={"prompt": TI2V_PROMPT, "add_magic": True, "magic": TI2V_PRESET}, links={"text_encoder": (3, 0)}),
+        dict(id=7, type="StepVideoNegativeTextEncode", pos=[440, 590], size=[420, 200],
+             widgets={"prompt": TI2V_NEGATIVE_PROMPT, "official": TI2V_PRESET}, links={"text_encoder": (3, 0)}),
+        dict(id=8, type="StepVideoImageToVideo", pos=[440, 830], size=[420, 250],
+             widgets={**size, "motion_score": p.motion_score, "seed": seed},
+             links={"vae": (4, 0), "image": (5, 0)}),
+        dict(id=9, type="StepVideoSampler", pos=[900, 330], size=[330, 410],
+             widgets={"preset": TI2V_PRESET, **size, "steps": p.steps, "cfg": p.cfg, "shift": p.shift, "seed": seed,
+                      "control_after_generate": "fixed"},
+             links={"model": (2, 0), "positive": (6, 0), "negative": (7, 0), "preview_vae": (4, 0),
+                    "image_condition": (8, 0)}),
+        dict(id=10, type="StepVideoVAEDecode", pos=[1270, 330], size=[300, 110],
+             widgets={"tile_size": 0, "tile_overlap": 8}, links={"vae": (4, 0), "samples": (9, 0)}),
+        dict(id=11, type="CreateVideo", pos=[1270, 480], size=[300, 110],
+             widgets={"fps": 25.0, "bit_depth": 8}, links={"images": (10, 0)}),
+        dict(id=12, type="SaveVideo", pos=[1610, 330], size=[480, 130],
+             widgets={"filename_prefix": prefix, "format": "mp4", "format.codec": "h264",
+                      "format.codec.encoding": "auto", "codec": "auto"}, links={"video": (11, 0)}),
+    ]
+
+
 def native_graph(model: str, weight_dtype: str, device_plan: str, preset: str, note: str, prefix: str,
                  release_text_encoder: bool, seed: int = 1234) -> list[dict]:
     """The text-to-video graph on the native MODEL: ComfyUI's own sampling nodes, the pack's model parts.
@@ -280,6 +342,15 @@ def workflows() -> dict:
                  + FILES_T2V + "\n\nA pre-quantised file loads the same way: python -m stepvideo_core.convert "
                  "<release folder> models/diffusion_models/stepvideo-t2v-fp8_scaled.safetensors, then pick it "
                  "in the model loader. If the VAE decode runs out of memory, set its tile_size (e.g. 16)."),
+        "stepvideo_ti2v": ti2v_graph(
+            prefix="video/stepvideo_ti2v",
+            note="Step-Video-TI2V (image-to-video) with the official settings: the first frame from Load Image, "
+                 "motion score 5 (2 steadier, 10-20 more motion), 50 steps, cfg 9, shift 13, 992x544, 102 frames "
+                 "(about 4 s at 25 fps), the TI2V prompt suffix and negative prompt.\n\n" + FILES_TI2V + "\n\n"
+                 "The image is resized to cover 992x544 and centre-cropped. bf16 weights: about 60 GB of RAM for the "
+                 "DiT and 39 GB for the Step-LLM; blocks that do not fit on the GPU are streamed (blocks_on_device "
+                 "auto). On a 24 GB card set the model loader's weight_dtype to fp8_scaled and the text encoder's "
+                 "device_plan to stream, as in stepvideo_t2v_24gb.json."),
         "stepvideo_t2v_native": native_graph(
             "stepvideo-t2v", "auto", "auto", "Step-Video-T2V", prefix="video/stepvideo_t2v_native",
             release_text_encoder=False,

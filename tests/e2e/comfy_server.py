@@ -32,7 +32,9 @@ PACK_LINK = "ComfyUI-StepVideo"
 TINY_LAYOUT = {
     "diffusion_models/stepvideo-t2v": "",
     "diffusion_models/stepvideo-t2v-turbo": "",
+    "diffusion_models/stepvideo-ti2v": "transformer-ti2v",   # the tiny release's Step-Video-TI2V transformer
     "text_encoders/stepvideo-t2v": "",
+    "text_encoders/stepvideo-ti2v": "",
     "vae/stepvideo/vae_v2.safetensors": "vae/vae_v2.safetensors",
 }
 
@@ -47,7 +49,7 @@ def free_port() -> int:
 def make_base_dir(base: Path, release: Path) -> Path:
     """Lay out a ComfyUI base folder: ``custom_nodes/ComfyUI-StepVideo`` -> this repository and
     ``models/...`` -> the parts of the tiny ``release`` (symlinks, nothing copied), plus a tiny LoRA
-    for that release in ``models/loras``."""
+    for that release in ``models/loras`` and ``input/example.png`` (the image the TI2V workflow loads)."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_LINK).symlink_to(REPO_ROOT, target_is_directory=True)
     for entry, part in TINY_LAYOUT.items():
@@ -55,7 +57,9 @@ def make_base_dir(base: Path, release: Path) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         target = release / part if part else release
         link.symlink_to(target, target_is_directory=target.is_dir())
-    from stepvideo_core.tiny import TINY_RELEASE_DIT_CONFIG, write_tiny_lora
+    from stepvideo_core.tiny import TINY_RELEASE_DIT_CONFIG, write_tiny_image, write_tiny_lora
+
+    write_tiny_image(base / "input" / "example.png", width=80, height=48)  # what Load Image lists (as ComfyUI ships)
 
     (base / "models" / "loras").mkdir(parents=True, exist_ok=True)  # one adapter for the LoRA loader's tests
     write_tiny_lora(base / "models" / "loras" / "tiny_lora.safetensors", config=TINY_RELEASE_DIT_CONFIG, keys="comfy",

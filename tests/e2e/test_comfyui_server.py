@@ -54,7 +54,7 @@ def tiny(prompt: dict, **overrides) -> dict:
     for node in prompt.values():
         if node["class_type"] == SAMPLER:
             node["inputs"].update(settings)
-        elif node["class_type"] == "StepVideoEmptyLatent":
+        elif node["class_type"] in ("StepVideoEmptyLatent", "StepVideoImageToVideo", "StepVideoNativeImageToVideo"):
             node["inputs"].update({k: settings[k] for k in ("width", "height", "frames")})
         elif node["class_type"] == "StepVideoScheduler":
             node["inputs"]["steps"] = settings["steps"]

@@ -20,7 +20,7 @@ from tests.factory import write_tiny_dit, write_tiny_text_encoders
 from tests.nodes.test_pack import check_input
 
 NATIVE_IDS = {"StepVideoNativeModelLoader", "StepVideoNativeTextEncode", "StepVideoNativeConditioning",
-              "StepVideoEmptyLatent", "StepVideoScheduler", "StepVideoNoise"}
+              "StepVideoEmptyLatent", "StepVideoScheduler", "StepVideoNoise", "StepVideoNativeImageToVideo"}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,8 @@ def test_server_lists_the_native_nodes(comfy_server):
     missing = sorted(NATIVE_IDS - set(info))
     assert not missing, f"native nodes missing from /object_info: {missing}; {comfy_server.log_tail()}"
     assert info["StepVideoNativeModelLoader"]["input"]["required"]["model"][0] == ["stepvideo-t2v",
-                                                                                  "stepvideo-t2v-turbo"]
+                                                                                  "stepvideo-t2v-turbo",
+                                                                                  "stepvideo-ti2v"]
 
 
 @pytest.mark.parametrize("graph", [ksampler_graph, custom_graph], ids=["ksampler", "sampler_custom_advanced"])
@@ -238,14 +239,14 @@ def test_native_core_node_specs_are_those_of_this_comfyui(comfy_server):
             continue
         live = info[node_type]
         declared = {**live["input"].get("required", {}), **live["input"].get("optional", {})}
-        sockets, widgets = [n for n, _, _ in ours["inputs"]], [w for w, _ in ours["widgets"] if "." not in w]
+        # (SaveVideo's nested widgets are written flat by the frontend; LoadImage's upload button is UI-only)
+        live_widgets = [(w, spec) for w, spec in ours["widgets"] if "." not in w and not spec.get("ui_only")]
+        sockets, widgets = [n for n, _, _ in ours["inputs"]], [w for w, _ in live_widgets]
         assert set(declared) == set(sockets) | set(widgets), node_type
         assert [n for n in declared if n in widgets] == widgets, node_type  # widgets_values are positional
         for name, kind, optional in ours["inputs"]:
             assert declared[name][0] == kind and (name in live["input"].get("optional", {})) == optional
-        for name, wspec in ours["widgets"]:
-            if "." in name:  # SaveVideo's nested widgets, written flat by the frontend
-                continue
+        for name, wspec in live_widgets:
             kind, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
             if "options" in wspec:
                 live_options = kind if isinstance(kind, list) else options.get("options")
