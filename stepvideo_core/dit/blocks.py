@@ -43,9 +43,17 @@ class SelfAttention(nn.Module):
         k = apply_rope(self.k_norm(k), rope)
         v = v.contiguous()  # an exact copy of v lets the fused q|k|v buffer (3 hidden-state copies) go now
         del qkv
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend)
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend)
         del q, k, v
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend) -> torch.Tensor:
+        """Attention of q [B, H, L, d] over k, v: the pack's dispatch.
+
+        The one seam of sequence parallelism: :func:`stepvideo_core.parallel.attach` gives a block's
+        instance an ``attend`` that exchanges heads for tokens around this same call.
+        """
+        return attention(q, k, v, backend=backend)
 
 
 class CrossAttention(nn.Module):
