@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import gpu_check_lib as lib  # noqa: E402
 from stepvideo_core import attention as attn  # noqa: E402
 from stepvideo_core import fp8  # noqa: E402
+from stepvideo_core.compile import CompileSettings, compiled_blocks  # noqa: E402
 from stepvideo_core.dit import build_transformer  # noqa: E402
 from stepvideo_core.dit.blocks import StepVideoBlock  # noqa: E402
 from stepvideo_core.dit.loader import FP8_PREFIX  # noqa: E402
@@ -663,8 +664,65 @@ def section_compute(bench: Bench) -> None:
                               "peak <= 1.1 x planner units",
                               peak_units=units, planner_units=planner_units)
                 del out
+        if size is spec.compute_sizes[0] and ref is not None:
+            compiled_block_rows(bench, label, blocks, (x, context, t6, rope, mask), ref, ref_s, flops)
         x = context = t6 = rope = mask = blocks = ref = fixed = None  # (closures above read these names)
         timer.cleanup()
+
+
+class _OneBlock(torch.nn.Module):
+    """A model holding one block as ``transformer_blocks[0]``: what :func:`compiled_blocks` takes."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([block])
+
+
+def compiled_block_rows(bench: Bench, label: str, blocks: dict, inputs: tuple, ref, ref_s: float, flops: float) -> None:
+    """``block <size>: compiled <kind>``: the block through :func:`stepvideo_core.compile.compiled_blocks` (inductor).
+
+    One eager call (each block's first call is eager), the call that compiles (its time less a compiled
+    call's is the compile time), then the timed calls; the error is against the eager bf16 SDPA reference.
+    Checks: one graph for the block (no graph break, no recompile) and the error bound of
+    ``lib.COMPILE_BOUNDS``; a compile that fails (no Triton, fp8 kernels the GPU lacks) is a ``warn`` row
+    with the fallback's cause: users then run eagerly, as the row says.
+    """
+    spec, dev, timer = bench.spec, bench.device, bench.timer
+    for kind in spec.compile_variants:
+        name = f"block {label}: compiled {kind}"
+        with bench.guard(name):
+            block = blocks["bf16" if kind == "bf16" else "fp8"]
+            if kind == "fp8 matmul":
+                if not fp8.fp8_matmul_supported(dev):
+                    bench.row(name, "skip", "fp8 matmul not supported on this device")
+                    continue
+                fp8.set_matmul_mode(block, "matmul")
+            call = lambda: block(*inputs, "sdpa")  # noqa: E731
+            try:
+                with compiled_blocks(_OneBlock(block), CompileSettings(mode="blocks"), device=dev) as state:
+                    call()                                              # eager: the block's first call
+                    with timer.interval() as first:
+                        out = call()                                    # compiles
+                    times, out = repeat(timer, call, spec.compute_runs, warmup=0)
+            finally:
+                if kind == "fp8 matmul":
+                    fp8.set_matmul_mode(block, "auto")
+            seconds = lib.median(times)
+            compile_s = max(0.0, first.seconds - seconds)
+            values = dict(seconds=seconds, times=times, compile_seconds=compile_s, graphs=state.graphs,
+                          compiled_calls=state.compiled_calls, fallback=state.fallback, flops=flops,
+                          tflops=lib.tflops(flops, seconds))
+            if state.fallback is not None:
+                bench.row(name, "warn", f"compile failed, ran eagerly: {state.fallback}", "compiles", **values)
+                continue
+            err = rel_err(out, ref)
+            bound = lib.COMPILE_BOUNDS[kind]
+            status = lib.error_check(err, bound) if state.graphs == 1 else "FAIL"
+            bench.row(name, status, f"{ms(seconds)} ({ref_s / seconds:.2f}x eager bf16 SDPA), "
+                      f"{lib.tflops(flops, seconds):.3g} TFLOP/s, compile {compile_s:.1f} s, {state.graphs} graph"
+                      f"{'s' if state.graphs != 1 else ''}, error {err:.4f}",
+                      f"1 graph, error <= {bound:g}", error=err, bound=bound, speedup=ref_s / seconds, **values)
+            del out
 
 
 # --------------------------------------------------------------------------- 2. streaming

@@ -58,6 +58,11 @@ FP8_BOUNDS = {"matmul": 0.05, "dequantize": 0.04}
 # bound of the pack's other 8-bit arithmetic (fp8 matmul); flash-attn is a bf16 kernel like
 # SDPA's own, so it gets bf16 noise level (the README's bf16 model is 0.7 % from fp32).
 ATTENTION_BOUNDS = {"sdpa": 0.0, "sageattention": FP8_BOUNDS["matmul"], "flash_attn": 0.02}
+# Compiled blocks (stepvideo_core.compile, inductor): the bf16 block fused by inductor rounds once where eager
+# rounds every op to bf16, so bf16 noise level like flash-attn; the fp8 matmul block compiled keeps fp8's bound
+# (its per-token activation quantisation flips e4m3 steps on any rounding difference, eager included).
+COMPILE_BOUNDS = {"bf16": ATTENTION_BOUNDS["flash_attn"], "fp8 matmul": FP8_BOUNDS["matmul"]}
+COMPILE_ROW_S = 25.0     # seconds a compiled-block row is assumed to take to compile (dynamo + inductor + Triton)
 PLANNER_UNDERESTIMATE = 0.10      # a row fails when predicted < (1 - this) x measured
 RSS_GROWTH_TOLERANCE = 256 * MiB  # host RSS may grow this much from the end of run 1 to the end of run 3
 STATUSES = ("ok", "info", "warn", "skip", "FAIL", "error")
@@ -211,6 +216,7 @@ class Spec:
     llm_batch: int = 2
     llm_tokens: int = LLM_TOKENS
     budget_s: Optional[float] = None
+    compile_variants: tuple = ("bf16",)  # compiled-block rows at the first compute size (COMPILE_BOUNDS keys)
 
     @property
     def dim(self) -> int:
@@ -254,7 +260,8 @@ def make_spec(tiny: bool, quick: bool) -> Spec:
                     compute_runs=1 if quick else 2, stream_size=small, stream_batch=2,
                     stream_passes=2 if quick else 3, stream_runs=3, planner_size=(256, 128), planner_grid=grid,
                     vae_config=dict(TINY_VAE_CONFIG), vae_size=(64, 64), vae_runs=1,
-                    llm_config=dict(TINY_LLM_CONFIG, num_layers=4), llm_runs=1 if quick else 2)
+                    llm_config=dict(TINY_LLM_CONFIG, num_layers=4), llm_runs=1 if quick else 2,
+                    compile_variants=("bf16", "fp8 matmul"))
     official = [(992, 544, 51), (992, 544, 204)]               # 18,972 and 75,888 tokens
     if quick:  # every axis value at 51 frames; at 204 (where 24-48 GB cards stream) the rows that matter most
         grid = [dict(frames=51, weight_format="bf16", blocks="0", batched=True),
@@ -274,7 +281,7 @@ def make_spec(tiny: bool, quick: bool) -> Spec:
                 stream_size=(992, 544, 51), stream_batch=2, stream_passes=4, stream_runs=3,
                 planner_size=(992, 544), planner_grid=planner_grid([51, 204]), vae_config=None,
                 vae_size=(544, 992), vae_runs=3, llm_config=dict(RELEASE_LLM, num_layers=4), llm_runs=3,
-                budget_s=BUDGET_S["full"])
+                budget_s=BUDGET_S["full"], compile_variants=("bf16", "fp8 matmul"))
 
 
 def tokens_of(size: tuple) -> int:
@@ -318,9 +325,13 @@ def estimate(spec: Spec, sizes: dict, vae_flops: Optional[float] = None, variant
         per = block_flops(tokens_of(size), D)["total"]
         flops += (1 + spec.compute_runs) * variants * per
         bytes_ += bb + fb + nb
-    out["compute"] = dict(seconds=seconds_for(flops, bytes_ + model_bytes, fixed=4.0 * len(spec.compute_sizes)),
+    compiled = len(spec.compile_variants)  # at the first size: one eager call, the compiling one, the timed runs
+    flops += (2 + spec.compute_runs) * compiled * block_flops(tokens_of(spec.compute_sizes[0]), D)["total"]
+    out["compute"] = dict(seconds=seconds_for(flops, bytes_ + model_bytes, fixed=4.0 * len(spec.compute_sizes)
+                                              + COMPILE_ROW_S * compiled),
                           flops=flops, h2d_bytes=bytes_ + model_bytes,
-                          note="building the models (random weights, on the device) is counted here")
+                          note="building the models (random weights, on the device) and compiling "
+                               f"{compiled} block{'s' if compiled != 1 else ''} are counted here")
     n = tokens_of(spec.stream_size)
     passes = (1 + spec.stream_passes) + spec.stream_runs * spec.stream_passes
     flops = passes * layers * block_flops(n, D, spec.stream_batch)["total"]

@@ -174,6 +174,39 @@ def resolve_model_path(kind: str, name: str) -> Path:
     raise FileNotFoundError(f"StepVideo: {kind} entry {name!r} not found; searched: {where}")
 
 
+STEP_CACHE_FOLDER = "stepvideo_cache"  # where the sampler's calibrated step cache looks for its JSON files
+
+
+def step_cache_dirs() -> list[Path]:
+    """The folders the sampler's calibrated step cache reads ``*.json`` calibrations from, in order.
+
+    Inside ComfyUI: ``models/stepvideo_cache/`` (``folder_paths.models_dir``) and any
+    ``stepvideo_cache`` paths of extra_model_paths.yaml; then ``$STEPVIDEO_MODELS_DIR/stepvideo_cache``
+    for each root of that variable.  Folders that do not exist are listed too (so a message can say
+    where to put a file); reading skips them.
+    """
+    candidates: list[Path] = []
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        try:
+            candidates += [Path(p) for p in fp.get_folder_paths(STEP_CACHE_FOLDER)]
+        except KeyError:  # not registered (the usual case): ComfyUI's models folder
+            pass
+        models_dir = getattr(fp, "models_dir", None)
+        if models_dir:
+            candidates.append(Path(models_dir) / STEP_CACHE_FOLDER)
+    for root in os.environ.get(ENV_MODELS_DIR, "").split(os.pathsep):
+        if root.strip():
+            candidates.append(Path(root.strip()).expanduser() / STEP_CACHE_FOLDER)
+    seen, dirs = set(), []
+    for d in candidates:
+        key = os.path.realpath(d)
+        if key not in seen:
+            seen.add(key)
+            dirs.append(d)
+    return dirs
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -251,6 +284,14 @@ def check_interrupt() -> None:
         raise StepVideoInterrupted("StepVideo: interrupted")
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """True when ``exc`` is the host's interrupt: ComfyUI's ``InterruptProcessingException`` (which its
+    progress bar raises, clearing the flag, on an update after an interrupt) or :class:`StepVideoInterrupted`."""
+    mm = _comfy("comfy.model_management")
+    kind = getattr(mm, "InterruptProcessingException", None) if mm is not None else None
+    return isinstance(exc, StepVideoInterrupted) or (isinstance(kind, type) and isinstance(exc, kind))
+
+
 # --------------------------------------------------------------------------- devices
 
 
@@ -270,18 +311,24 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
-def free_memory(required_bytes: int | None = None, device: torch.device | None = None) -> None:
+def free_memory(required_bytes: int | None = None, device: torch.device | None = None, keep=()) -> None:
     """Release accelerator memory before a big load.
 
     Inside ComfyUI: evict ComfyUI-managed models (enough for `required_bytes` on `device`,
-    or all of them) and empty the cache. Elsewhere: collect garbage and empty the CUDA cache.
+    or all of them) and empty the cache; the patchers in `keep` stay loaded (the sampler's own
+    kept weights, which the coming run reuses). Elsewhere: collect garbage and empty the CUDA cache.
     """
     mm = _comfy("comfy.model_management")
     if mm is not None:
         if required_bytes is None:
             mm.unload_all_models()
         else:
-            mm.free_memory(required_bytes, device or torch_device())
+            keep = [p for p in keep if p is not None]
+            kept = [m for m in mm.current_loaded_models if any(m.model is p for p in keep)] if keep else []
+            if kept:
+                mm.free_memory(required_bytes, device or torch_device(), keep_loaded=kept)
+            else:
+                mm.free_memory(required_bytes, device or torch_device())
         mm.soft_empty_cache()
         return
     gc.collect()
@@ -346,12 +393,14 @@ def _patcher_class(base: type) -> type:
     """
 
     class StepVideoModelPatcher(base):
-        """A ``ModelPatcher`` for the pack's modules; :func:`unload_model` may set ``stepvideo_drop``."""
+        """A ``ModelPatcher`` for the pack's modules; :func:`unload_model` may set ``stepvideo_drop``, and
+        ``stepvideo_release`` is a drop for every unload (the sampler's kept weights, :func:`kept_weights_patcher`)."""
 
         stepvideo_drop: Optional[Callable[[], object]] = None
+        stepvideo_release: Optional[Callable[[], object]] = None
 
         def unpatch_model(self, device_to=None, unpatch_weights=True):
-            drop = self.stepvideo_drop
+            drop = self.stepvideo_drop if self.stepvideo_drop is not None else self.stepvideo_release
             if not unpatch_weights or (drop is None and not _has_meta(self.model)):
                 return super().unpatch_model(device_to, unpatch_weights)
             # Forget ComfyUI's placement without the copy to the offload device (39 GB of RAM for
@@ -380,6 +429,55 @@ def model_patcher(module: torch.nn.Module, load_device: torch.device, offload_de
         return None
     return _patcher_class(mp.ModelPatcher)(module, load_device=torch.device(load_device),
                               offload_device=torch.device(offload_device), size=module_bytes(module))
+
+
+class KeptWeightsModule(torch.nn.Module):
+    """The DiT's resident weights kept on the GPU between sampler runs, as the module ComfyUI manages.
+
+    A container without tensors of its own: the device copies live in the core's
+    :class:`~stepvideo_core.offload.kept.KeptWeights` (``kept``), whose size the patcher reports
+    (:func:`set_managed_size`). ComfyUI cannot move them anywhere: unloading it releases them (the
+    home copies never left RAM), so loading another model, "unload models" or ``free_memory``
+    evicts them like any model and the next run uploads them again.
+    """
+
+    def __init__(self, kept):
+        super().__init__()
+        self.kept = kept
+
+
+def manages_models() -> bool:
+    """True inside ComfyUI, whose model management can own (and evict) the pack's models (:func:`model_patcher`)."""
+    return _comfy("comfy.model_patcher") is not None
+
+
+def kept_weights_patcher(kept, load_device: torch.device, offload_device: torch.device):
+    """A ComfyUI ``ModelPatcher`` standing for `kept` (a KeptWeights), which every unload releases; None outside ComfyUI.
+
+    Register it with :func:`load_models` before the run that fills `kept`, sized with
+    :func:`set_managed_size`, so ComfyUI accounts for the memory and can take it back.
+    """
+    mp = _comfy("comfy.model_patcher")
+    if mp is None:
+        return None
+    patcher = _patcher_class(mp.ModelPatcher)(KeptWeightsModule(kept), load_device=torch.device(load_device),
+                                              offload_device=torch.device(offload_device), size=kept.nbytes)
+    patcher.stepvideo_release = kept.release
+    return patcher
+
+
+def set_managed_size(patcher, nbytes: int) -> None:
+    """Tell ComfyUI that `patcher` (a :func:`kept_weights_patcher`) holds `nbytes` on its device now, loaded or not.
+
+    Its module has no tensors of its own, so ComfyUI's figures are the ones set here: the size it
+    frees room for when it loads the patcher, and, when it is loaded already, what it counts as loaded.
+    """
+    if patcher is None:
+        return
+    patcher.size = int(nbytes)
+    mm = _comfy("comfy.model_management")
+    if mm is not None and any(m.model is patcher for m in mm.current_loaded_models):
+        patcher.model.model_loaded_weight_memory = int(nbytes)
 
 
 def load_models(patchers, memory_required: int = 0, full: bool = False) -> None:

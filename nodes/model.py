@@ -10,6 +10,7 @@ import torch
 
 from ..stepvideo_core import load_transformer
 from ..stepvideo_core.attention import BACKENDS, check_backend
+from ..stepvideo_core.compile import MODES as COMPILE_MODES
 from . import comfy_bridge as bridge
 from .types import STEPVIDEO_MODEL, StepVideoModelHandle
 
@@ -96,6 +97,7 @@ def summarize(handle: StepVideoModelHandle, name: str, seconds: float) -> str:
         f"blocks on device: {handle.blocks_on_device}",
         f"weights on {handle.offload_device}, compute on {handle.device}",
         f"attention {handle.attention}, loaded in {seconds:.1f} s",
+        *([f"compile: {handle.compile} (the first sampling step compiles)"] if handle.compile != "off" else []),
     ])
 
 
@@ -138,11 +140,21 @@ class StepVideoModelLoader:
                                "streamed from RAM. auto = the most that fit the free VRAM (planned "
                                "per run from size and frames); all = no streaming.",
                 }),
-            }
+            },
+            "optional": {
+                "compile": (list(COMPILE_MODES), {
+                    "default": "off",
+                    "tooltip": "blocks = torch.compile each transformer block (one compiled graph shared by all "
+                               "48; works with block streaming, fp8 and LoRA). The first sampling step compiles "
+                               "(tens of seconds to minutes, again for a new video size or LoRA strength); needs "
+                               "Triton on a GPU (Windows: pip install triton-windows). If compiling fails the "
+                               "sampler runs eagerly with one warning. off = eager.",
+                }),
+            },
         }
 
     @classmethod
-    def IS_CHANGED(cls, model, weight_dtype, attention, blocks_on_device="auto"):
+    def IS_CHANGED(cls, model, weight_dtype, attention, blocks_on_device="auto", compile="off"):
         """Return a fingerprint of the checkpoint's files (names, sizes, mtimes).
 
         Re-saving the weights under the same name makes ComfyUI reload them. A missing
@@ -154,7 +166,7 @@ class StepVideoModelLoader:
         except OSError:
             return float("nan")
 
-    def load(self, model, weight_dtype, attention, blocks_on_device="auto"):
+    def load(self, model, weight_dtype, attention, blocks_on_device="auto", compile="off"):
         """Return the UI summary and a :class:`StepVideoModelHandle` for entry `model`."""
         path = bridge.resolve_model_path(DIT_FOLDER, model)
         device, offload = bridge.torch_device(), bridge.offload_device()
@@ -162,6 +174,8 @@ class StepVideoModelLoader:
         check_backend(attention, device, dtype)
         if str(blocks_on_device) not in BLOCK_CHOICES:
             raise ValueError(f"StepVideo: blocks_on_device must be 'auto', 'all' or 0-48, got {blocks_on_device!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"StepVideo: compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
 
         start = time.perf_counter()
         transformer = load_transformer(path, dtype=dtype, device=offload, attention=attention,
@@ -171,7 +185,7 @@ class StepVideoModelLoader:
         handle = StepVideoModelHandle(
             transformer=transformer, dtype=dtype, device=device, offload_device=offload,
             attention=attention, source=path, weight_format=transformer.weight_format,
-            blocks_on_device=str(blocks_on_device),
+            blocks_on_device=str(blocks_on_device), compile=compile,
         )
         summary = summarize(handle, model, seconds)
         log.info(summary.replace("\n", "; "))

@@ -352,8 +352,8 @@ class StepVideoDiffusionModel(StepVideoTransformer):
         replace = options.get("patches_replace", {}).get("dit", {})
         options["total_blocks"] = len(self.transformer_blocks)
         options["block_type"] = "double"
-        backend = self._attention_backend
         x = holder.pop()
+        backend = self.resolved_attention(x.device, x.dtype)  # resolved once per device and dtype
         for i, block in enumerate(self.transformer_blocks):
             options["block_index"] = i
             patch = replace.get(("double_block", i))

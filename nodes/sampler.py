@@ -13,13 +13,19 @@ import weakref
 from contextlib import nullcontext
 from typing import Mapping, Optional
 
+from ..stepvideo_core.compile import compiled_blocks
 from ..stepvideo_core.offload import SamplingInterrupted
+from ..stepvideo_core.offload.kept import kept_weights, resident_bytes
 from ..stepvideo_core.pipeline import check_plan
 from ..stepvideo_core.pipeline import plan_blocks as core_plan_blocks
 from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
+from ..stepvideo_core.sampling.cache import (CACHE_MODES, DEFAULT_END, DEFAULT_START, DEFAULT_THRESHOLDS,
+                                             StepCache)
+from ..stepvideo_core.sampling.cache import summary as cache_summary
 from ..stepvideo_core.sampling.preview import default_factors, fit_from_vae, preview_frame
 from ..stepvideo_core.vae.latents import to_comfy_latent
 from . import comfy_bridge as bridge
+from . import multi_gpu
 from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_IMAGE_CONDITION, STEPVIDEO_MODEL
 
 log = logging.getLogger("StepVideo")
@@ -66,26 +72,76 @@ def image_inputs(model_handle, image_condition, width: int, height: int, frames:
     return {"condition": image_condition.latent, "motion_score": image_condition.motion_score}
 
 
-def plan_blocks(handle, width: int, height: int, frames: int, guided: bool) -> dict:
+def step_cache(transformer, mode: str, threshold: float, start: float, end: float, preset: str,
+               steps: int) -> StepCache:
+    """The sampler's :class:`~stepvideo_core.sampling.cache.StepCache` from the node's cache widgets.
+
+    Calibrated mode finds its calibration now, before any weight moves: a ``*.json`` written by
+    ``python -m stepvideo_core calibrate-cache`` in ComfyUI's ``models/stepvideo_cache/`` (or
+    ``$STEPVIDEO_MODELS_DIR/stepvideo_cache/``) for this model, preset and step count; none raises
+    CalibrationNotFound (a ValueError) saying where it looked and how to make one.
+    """
+    if mode not in CACHE_MODES:
+        raise ValueError(f"StepVideo Sampler: cache must be one of {list(CACHE_MODES)}, got {mode!r}")
+    if mode == "off":
+        return StepCache()
+    cache = StepCache(mode=mode, threshold=threshold, start=start, end=end,
+                      sources=tuple(bridge.step_cache_dirs()) if mode == "calibrated" else ())
+    return cache.resolved(transformer, preset, steps)
+
+
+def plan_blocks(handle, width: int, height: int, frames: int, guided: bool, kept=None, keeper=None) -> dict:
     """Decide ``blocks_on_device`` and CFG batching for this run; returns the planner's dict.
 
     The rule is the headless pipeline's (:func:`stepvideo_core.pipeline.plan_blocks`); on a
     GPU ComfyUI is first asked to free what the fully resident run would need, and the
     plan is then fitted into the free memory ComfyUI reports; on the CPU the plan checks
-    the run's activations against the available RAM.
+    the run's activations against the available RAM.  ``kept`` / ``keeper``: the resident weights
+    an earlier run left on the GPU and their ComfyUI patcher (:func:`kept_resident_weights`): they
+    count as free (this run reuses or drops them) and are not evicted to make room.
     """
     common = dict(device=handle.device, compute_dtype=handle.dtype, weight_format=handle.weight_format,
                   attention=handle.attention, width=width, height=height, frames=frames, guided=guided)
+    ours = kept.nbytes if kept is not None and kept.device == handle.device else 0
     if handle.device.type != "cpu":  # also for "all": other models (e.g. the text encoder) may hold the GPU
         wanted = core_plan_blocks(handle.config, blocks_on_device=handle.config.num_layers, free_bytes=1 << 62,
                                   **common)
-        bridge.free_memory(wanted["peak_bytes"] + wanted["reserve_bytes"], handle.device)
+        need = wanted["peak_bytes"] + wanted["reserve_bytes"]
+        if keeper is not None:
+            bridge.free_memory(max(0, need - ours), handle.device, keep=[keeper])
+        else:
+            bridge.free_memory(need, handle.device)
     if handle.device.type == "cpu":  # the core plans the host RAM (what the system has available)
         return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device, free_bytes=None,
                                 **common)
     free = bridge.free_vram(handle.device)
     return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device,
-                            free_bytes=1 << 62 if free is None else free, **common)
+                            free_bytes=1 << 62 if free is None else free + ours, **common)
+
+
+_KEEPERS = weakref.WeakKeyDictionary()  # transformer -> ComfyUI patcher of its resident weights kept on the GPU
+
+
+def kept_resident_weights(handle):
+    """(KeptWeights, ComfyUI patcher) for runs of ``handle`` that keep their resident weights on the GPU, or (None, None).
+
+    Exists so that a run at 48/48 blocks does not upload ~60 GB before its first step every time:
+    inside ComfyUI, on a GPU, the resident weights' device copies stay there after the run, and the
+    patcher (:func:`comfy_bridge.kept_weights_patcher`) makes them a model ComfyUI accounts for and
+    evicts when it needs the memory (another model's load, "unload models"); the next run then
+    uploads again.  Outside ComfyUI nothing could evict them, and on the CPU nothing moves: (None, None).
+    """
+    if handle.device.type == "cpu" or handle.device == handle.offload_device or not bridge.manages_models():
+        return None, None
+    transformer = handle.transformer
+    keeper = _KEEPERS.get(transformer)
+    if keeper is not None and keeper.load_device != handle.device:  # another GPU now: give the old copies back
+        bridge.unload_model(keeper)
+        keeper = None
+    kept = kept_weights(transformer, handle.device)
+    if keeper is None:
+        keeper = _KEEPERS[transformer] = bridge.kept_weights_patcher(kept, handle.device, handle.offload_device)
+    return kept, keeper
 
 
 _FITTED_FACTORS = weakref.WeakKeyDictionary()  # VAE module -> LatentRGB (fitted once per loaded VAE)
@@ -150,11 +206,45 @@ class StepVideoSampler:
                 "image_condition": (STEPVIDEO_IMAGE_CONDITION, {
                     "tooltip": "Image-to-video (a Step-Video-TI2V model): the first frame and motion score from "
                                "StepVideo Image to Video, made for this width, height and frames."}),
+                "cache": (list(CACHE_MODES), {
+                    "default": "off",
+                    "tooltip": "Step cache: skip DiT calls whose output barely changes (both CFG branches; a "
+                               "skipped step reuses the last velocity and streams no weights). off: every step "
+                               "(exactly the uncached video). adaptive: no calibration, skips while the change "
+                               "estimated from the input change stays under cache_threshold. calibrated: reads a "
+                               "calibration for this model, preset and step count from ComfyUI/models/"
+                               f"{bridge.STEP_CACHE_FOLDER}/*.json, made with python -m stepvideo_core calibrate-cache "
+                               "(the pack ships none it has not measured); fails when none matches. Quality with "
+                               "real weights is not measured yet: compare with off."}),
+                "cache_threshold": ("FLOAT", {
+                    "default": DEFAULT_THRESHOLDS["adaptive"], "min": 0.0, "max": 10.0, "step": 0.01,
+                    "tooltip": "Skip while the accumulated estimate stays under this; higher skips more (faster, "
+                               "further from the uncached video); 0 never skips. Calibrated also skips at most 2 "
+                               "steps in a row. Used only when cache is not off."}),
+                "cache_start": ("FLOAT", {
+                    "default": DEFAULT_START, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "No step before this fraction of the steps is skipped (the first never is)."}),
+                "cache_end": ("FLOAT", {
+                    "default": DEFAULT_END, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "No step from this fraction of the steps on is skipped (the last never is)."}),
+                "gpus": ("INT", {
+                    "default": 1, "min": 1, "max": multi_gpu.MAX_GPUS,
+                    "tooltip": "GPUs to sample on: ComfyUI's GPU plus gpus-1 worker processes on the next CUDA "
+                               "GPUs, each loading the model once and kept running between runs (stopped when the "
+                               "model is freed or ComfyUI exits). Progress, previews and interrupt work as with "
+                               "one. Without CUDA (--cpu) this starts CPU worker processes: a test mode."}),
+                "parallel": (list(multi_gpu.PARALLEL_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "How gpus > 1 split the run. ulysses: every GPU holds 1/gpus of the video tokens "
+                               "(the 48 heads must divide: 2, 3, 4, 6, 8). cfg: the two guidance branches on two "
+                               "GPUs (or two groups), needs cfg > 1 and an even gpus. auto: cfg when guided and "
+                               "gpus is even, then ulysses within each branch."}),
             },
         }
 
     def sample(self, model, positive, negative, preset, width, height, frames, steps, cfg, shift, seed,
-               preview_vae=None, image_condition=None):
+               preview_vae=None, image_condition=None, cache="off", cache_threshold=DEFAULT_THRESHOLDS["adaptive"],
+               cache_start=DEFAULT_START, cache_end=DEFAULT_END, gpus=1, parallel="auto"):
         """Return the UI summary and ``({"samples": [B, C, F, h, w]},)``.
 
         A NaN/Inf cfg or shift raises ValueError (a JSON NaN passes ComfyUI's min/max check);
@@ -163,15 +253,23 @@ class StepVideoSampler:
         """
         run = settings(preset, steps, cfg, shift)
         image = image_inputs(model, image_condition, width, height, frames)
+        skipping = step_cache(model.transformer, cache, cache_threshold, cache_start, cache_end, preset,
+                              run["steps"])
         guided = run["cfg"] > 1.0
+        workers = multi_gpu.runner(model, gpus, parallel, guided, width, height, frames)  # None for one GPU
         pos = conditioning_dict(positive, "positive")
         neg = conditioning_dict(negative, "negative") if guided else None
         factors = preview_factors(preview_vae)  # before planning: fitting may load the VAE onto the GPU
-        plan = plan_blocks(model, width, height, frames, guided)
+        kept, keeper = kept_resident_weights(model) if workers is None else (None, None)
+        plan = plan_blocks(model, width, height, frames, guided, kept=kept, keeper=keeper)
         check_plan(plan)
         transformer = model.transformer
         transformer.attention_backend = model.attention
         streamed = plan["blocks_on_device"] < model.config.num_layers
+        if keeper is not None:  # ComfyUI accounts for what this run keeps on the GPU (and may evict it later)
+            bridge.set_managed_size(keeper, resident_bytes(transformer, plan["blocks_on_device"] if streamed
+                                                           else None, model.device))
+            bridge.load_models([keeper], full=True)
         progress = bridge.progress_bar(run["steps"])
 
         def on_step(i, n, latents):
@@ -182,14 +280,18 @@ class StepVideoSampler:
             from ..stepvideo_core.lora.apply import attached
             adapters = attached(transformer, model.adapters, blocks_on_device=plan["blocks_on_device"])
         start = time.perf_counter()
+        stats = {}
+        # the handle's compile choice, per run: inside the LoRA attachment, outside the block streamer
+        compiled = compiled_blocks(transformer, getattr(model, "compile", "off"), device=model.device)
         try:
-            with adapters:
-                latents = sample(transformer, pos, neg, width=width, height=height, frames=frames,
+            with adapters, compiled:
+                latents = (workers or sample)(transformer, pos, neg, width=width, height=height, frames=frames,
                                  steps=run["steps"], cfg=run["cfg"], shift=run["shift"], seed=seed,
                                  device=model.device,
                                  blocks_on_device=plan["blocks_on_device"] if streamed else None,
                                  batch_cfg=plan["batch_cfg"], on_step=on_step,
-                                 should_stop=bridge.interrupt_requested, cuda_api=bridge.cuda_api(), **image)
+                                 should_stop=bridge.interrupt_requested, cuda_api=bridge.cuda_api(),
+                                 cache=skipping, stats=stats, **image, **({"kept": kept} if kept is not None else {}))
         except SamplingInterrupted:
             bridge.check_interrupt()  # ComfyUI's own interrupt exception (weights are already home)
             raise
@@ -199,7 +301,10 @@ class StepVideoSampler:
         mode = f"image-to-video, motion score {image['motion_score']:g}; " if image else ""
         summary = (f"{mode}{run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {seed}; "
                    f"{width}x{height}x{frames} -> latent {list(latents.shape)}; {plan['message']}"
-                   f"{'' if plan.get('batch_cfg', True) else ' (CFG one branch at a time)'}; {seconds:.1f} s")
+                   f"{'' if plan.get('batch_cfg', True) else ' (CFG one branch at a time)'}; {seconds:.1f} s"
+                   f"{'; ' + cache_summary(stats) if stats else ''}"
+                   f"{'; ' + compiled.summary() if compiled.settings.enabled else ''}"
+                   f"{'; ' + workers.description if workers else ''}")
         log.info("StepVideo sampler: %s", summary)
         return {"ui": {"text": [summary]}, "result": ({"samples": to_comfy_latent(latents)},)}
 

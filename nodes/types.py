@@ -22,6 +22,8 @@ class StepVideoModelHandle:
     stored ("full" in `dtype`, or "fp8_scaled"); `dtype` is then the compute dtype.
     `blocks_on_device` is the streaming choice the sampler applies: "auto" (the memory
     planner decides), "all", or a number of blocks kept on the device.
+    `compile` is the sampler's ``torch.compile`` choice for the transformer blocks: "off" or "blocks"
+    (:mod:`stepvideo_core.compile`; applied per run, so handles sharing one transformer can differ).
     """
 
     transformer: torch.nn.Module
@@ -33,6 +35,7 @@ class StepVideoModelHandle:
     adapters: tuple = ()
     weight_format: str = "full"
     blocks_on_device: str = "auto"
+    compile: str = "off"
 
     @property
     def config(self):

@@ -97,21 +97,57 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, ma
     return "sdpa" if masked else requested
 
 
+class Resolved(str):
+    """A backend request already resolved for one device and dtype: equal to the requested name
+    ("auto", "sdpa", ...), with the ``kernel`` its unmasked calls run ("sdpa", "sageattention", "flash_attn").
+
+    Exists so that a model resolves (and checks) its backend once per device and dtype, not in each
+    of its attention calls (:meth:`~stepvideo_core.dit.model.StepVideoTransformer.resolved_attention`):
+    :func:`attention` given one skips :func:`resolve_backend`.  Masked calls still take SDPA.
+    """
+
+    __slots__ = ("kernel",)
+
+    def __new__(cls, requested: str, kernel: str):
+        if kernel not in ("sdpa", "sageattention", "flash_attn"):
+            raise ValueError(f"not a concrete attention kernel: {kernel!r}")
+        obj = super().__new__(cls, requested)
+        obj.kernel = kernel
+        return obj
+
+    def __reduce__(self):
+        return (Resolved, (str(self), self.kernel))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               mask: Optional[torch.Tensor] = None, backend: str = "sdpa") -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(D).
 
     q: [B, H, Sq, D]; k, v: [B, H, Sk, D]; mask: bool, broadcastable to
     [B, H, Sq, Sk], True = attend.  Returns [B, H, Sq, D] in q's dtype.
+    ``backend``: a name of :data:`BACKENDS` (resolved for this call) or a :class:`Resolved` one.
     """
-    name = resolve_backend(backend, q.device, q.dtype, mask is not None)
+    if isinstance(backend, Resolved):  # resolved and checked by the caller for this device and dtype
+        name = "sdpa" if mask is not None else backend.kernel
+    else:
+        name = resolve_backend(backend, q.device, q.dtype, mask is not None)
+    if name in ("sageattention", "flash_attn"):
+        return _gpu_kernel(name, q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@torch.compiler.disable
+def _gpu_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SageAttention or flash-attn on [B, H, S, D] tensors.
+
+    Never traced by ``torch.compile`` (compiled transformer blocks, :mod:`stepvideo_core.compile`): the
+    kernels are called eagerly from the graph (a graph break), as their own packages expect.
+    """
     if name == "sageattention":
         from sageattention import sageattn
 
         return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
-    if name == "flash_attn":
-        from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func
 
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
-        return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
+    return out.transpose(1, 2)

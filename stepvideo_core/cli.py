@@ -3,12 +3,17 @@
 ``generate``  prompt -> .mp4, headless: the same pipeline the nodes run
               (:mod:`stepvideo_core.pipeline`).  ``--models DIR`` is the official
               stepvideo-t2v release folder; without it a tiny random model in the
-              official layout is used (cached, see ``--cache``): a smoke test of
-              the install whose output is noise, not a real video.
+              official layout is used (cached, see ``--tiny-cache``): a smoke test of
+              the install whose output is noise, not a real video.  ``--cache
+              adaptive|calibrated`` skips DiT calls whose output barely changes.
               ``--image first.png`` makes it image-to-video: the transformer must
               then be Step-Video-TI2V (``--transformer stepvideo-ti2v/transformer``;
               the tiny default has one), and the defaults follow the TI2V preset
               (102 frames, motion score 5, ``--motion-score``).
+``calibrate-cache``  one uncached sampling run that measures the step cache's
+              calibration for your own weights (magnitude ratios of successive
+              velocities) and writes it to a JSON file; the pack ships none it has
+              not measured.
 ``check``     loads a DiT through the real loader and runs one forward pass.  With
               no ``--transformer`` it first writes a tiny random DiT in the official
               folder layout to a temporary folder: a smoke test of the install,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -32,12 +38,14 @@ from .checks import finite_float
 if TYPE_CHECKING:
     from .pipeline import ModelFiles
 
+COMPILE_MODES = ("off", "blocks")  # = stepvideo_core.compile.MODES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The tiny default renders this unless told otherwise: a few seconds on two CPU cores.
 TINY_DEFAULTS = dict(width=64, height=64, frames=17, steps=3)
 # The official size (544x992, 204 frames = 8 s at 25 fps).
 REAL_DEFAULTS = dict(width=992, height=544, frames=204, steps=None)  # frames: the preset's (102 for TI2V)
 LORA_SPEC = "FILE[:STRENGTH]"
+CALIBRATION_PROMPT = "A red fox runs across a snowy meadow at sunrise, the camera follows it, cinematic lighting"
 SMOKE_TEST_NOTE = ("SMOKE TEST: no --models given, so this used the embedded tiny model (random weights in the "
                    "official layout). The file shows that the install works; it is noise, not a real video.")
 
@@ -140,7 +148,7 @@ def model_files(args) -> "ModelFiles":
 
     if args.models is None and args.transformer is None and args.vae is None and args.text_encoders is None:
         start = time.perf_counter()
-        root, created = cached_tiny_release(args.cache)
+        root, created = cached_tiny_release(getattr(args, "tiny_cache", None))
         image = getattr(args, "image", None) is not None
         print(f"No --models given: using the embedded tiny default{' image-to-video (TI2V)' if image else ''} "
               f"(random weights in the official layout), {'written to' if created else 'cached in'} {root.parent}"
@@ -153,28 +161,36 @@ def model_files(args) -> "ModelFiles":
 
 def generate(args) -> int:
     """``generate``: prompt -> mp4 through :class:`~stepvideo_core.pipeline.StepVideoPipeline`; returns an exit code."""
-    from .pipeline import OFFICIAL_NEGATIVE, StepVideoPipeline, resolve_preset
-    from .sampling import PRESETS, preset_for
+    from .pipeline import OFFICIAL_NEGATIVE
     from .video_io import DEFAULT_FPS, crop_to_540p, read_video_info, write_mp4
 
     total_start = time.perf_counter()
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun rank other than 0: quiet (warnings and errors show)
+        sys.stdout = open(os.devnull, "w")
+        logging.getLogger("StepVideo").setLevel(logging.WARNING)
+    cache = step_cache_from_args(args)  # before model_files: a legacy --cache DIR becomes --tiny-cache
     files = model_files(args)
-    device = torch.device(args.device) if args.device else None
-    pipe = StepVideoPipeline(files, device=device, dtype=None if args.dtype == "default" else DTYPES[args.dtype],
-                             weight_format=args.weights, attention=args.attention,
-                             blocks_on_device=args.blocks_on_device, text_plan=args.text_plan,
-                             loras=args.lora)
+    from .parallel import run as parallel_run
+    from .sampling import resolve_settings
+
+    device = str(parallel_run.rank_device(args.device)) if parallel_run.world_size() > 1 else args.device
+    pipe = make_pipeline(args, files, device=device)
     ti2v = pipe.check_mode(args.image)  # from the file headers: an image for T2V (or none for TI2V) stops here
-    preset = resolve_preset(args.preset) if args.preset is not None else preset_for(ti2v)
-    defaults = TINY_DEFAULTS if files.tiny else dict(REAL_DEFAULTS, frames=PRESETS[preset].frames)
-    size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    preset, size = run_choices(args, files, ti2v)
+    pipe.parallel = parallel_run.join(args.parallel, pipe.transformer_config().num_attention_heads,
+                                      guided=resolve_settings(preset, None, args.cfg, None)["cfg"] > 1.0,
+                                      device=device)
+    first = pipe.parallel is None or pipe.parallel.is_first  # rank 0 reports and writes the file
     source = f" from the image {args.image}" if ti2v else ""
-    print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames{source} on {pipe.device} "
+    where = f" ({pipe.parallel.layout.describe()})" if pipe.parallel is not None else ""
+    print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames{source} on {pipe.device}{where} "
           f"({str(pipe.dtype).replace('torch.', '')}) -> {args.out}")
     result = pipe.generate(args.prompt, OFFICIAL_NEGATIVE if args.negative is None else args.negative,
                            add_magic=not args.no_magic, preset=preset, cfg=args.cfg, shift=args.shift,
                            seed=args.seed, image=args.image, motion_score=args.motion_score,
-                           progress=progress_factory(), **size)
+                           progress=progress_factory() if first else None, cache=cache, **size)
+    if not first:
+        return 0
     frames = crop_to_540p(result.frames) if args.crop_540p else result.frames
     start = time.perf_counter()
     out = write_mp4(args.out, frames, fps=args.fps or DEFAULT_FPS, crf=args.crf)
@@ -186,10 +202,91 @@ def generate(args) -> int:
     motion = f", motion score {run['motion_score']:g}" if "motion_score" in run else ""
     print(f"  {run['preset']}: {run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}{motion}, "
           f"seed {run['seed']}; {result.plan['message']}")
+    if result.cache:
+        print("  " + cache_summary(result.cache))
+    if "compile" in run:
+        print("  " + run["compile"])
     print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
           + f"; total {time.perf_counter() - total_start:.1f} s")
     if files.tiny:
         print(SMOKE_TEST_NOTE)
+    return 0
+
+
+def make_pipeline(args, files: "ModelFiles", device: Optional[str] = None):
+    """The :class:`~stepvideo_core.pipeline.StepVideoPipeline` of ``generate``'s (and ``calibrate-cache``'s) options
+    (``device`` overrides ``--device``: a torchrun rank's own GPU)."""
+    from .pipeline import StepVideoPipeline
+
+    device = device if device is not None else args.device
+    device = torch.device(device) if device else None
+    return StepVideoPipeline(files, device=device, dtype=None if args.dtype == "default" else DTYPES[args.dtype],
+                             weight_format=args.weights, attention=args.attention,
+                             blocks_on_device=args.blocks_on_device, text_plan=args.text_plan,
+                             loras=args.lora, compile=getattr(args, "compile", "off"))
+
+
+def run_choices(args, files: "ModelFiles", ti2v: bool) -> tuple:
+    """(preset, {width, height, frames, steps}) of the options, with the defaults of the model in use."""
+    from .pipeline import resolve_preset
+    from .sampling import PRESETS, preset_for
+
+    preset = resolve_preset(args.preset) if args.preset is not None else preset_for(ti2v)
+    defaults = TINY_DEFAULTS if files.tiny else dict(REAL_DEFAULTS, frames=PRESETS[preset].frames)
+    return preset, {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+
+
+def step_cache_from_args(args):
+    """The :class:`~stepvideo_core.sampling.cache.StepCache` of ``--cache*`` (ValueError for bad values).
+
+    ``--cache`` used to name the tiny model's folder; a value that is not a cache mode is still
+    taken as that folder (now ``--tiny-cache``), with a note, so old command lines keep working.
+    """
+    from .sampling.cache import CACHE_MODES, StepCache
+
+    if args.cache not in CACHE_MODES:
+        print(f"note: --cache {args.cache} is read as the tiny model's folder (now --tiny-cache); --cache takes "
+              f"a step-cache mode ({', '.join(CACHE_MODES)})", file=sys.stderr)
+        args.tiny_cache = args.tiny_cache or args.cache
+        args.cache = "off"
+    return StepCache(mode=args.cache, threshold=args.cache_threshold, start=args.cache_start, end=args.cache_end,
+                     sources=(args.cache_file,) if args.cache == "calibrated" else ())
+
+
+def cache_summary(stats: dict) -> str:
+    """The sampler's step-cache counts in words (DiT calls run and skipped)."""
+    from .sampling.cache import summary
+
+    return summary(stats)
+
+
+def calibrate(args) -> int:
+    """``calibrate-cache``: one uncached sampling run -> the step-cache calibration JSON; returns an exit code."""
+    from .pipeline import OFFICIAL_NEGATIVE
+    from .sampling import PRESETS
+    from .sampling.cache import CACHE_FOLDER, save_calibration
+
+    total_start = time.perf_counter()
+    files = model_files(args)
+    pipe = make_pipeline(args, files)
+    ti2v = pipe.check_mode(args.image)
+    preset, size = run_choices(args, files, ti2v)
+    steps = size["steps"] or PRESETS[preset].steps
+    print(f"Calibrating the step cache: {preset}, {steps} steps, {size['width']}x{size['height']}, "
+          f"{size['frames']} frames on {pipe.device} (one uncached run, no decode) -> {args.out}")
+    calibration = pipe.calibrate_cache(args.prompt, OFFICIAL_NEGATIVE if args.negative is None else args.negative,
+                                       label=args.label or "", add_magic=not args.no_magic, preset=preset,
+                                       cfg=args.cfg, shift=args.shift, seed=args.seed, image=args.image,
+                                       motion_score=args.motion_score, progress=progress_factory(), **size)
+    out = save_calibration(args.out, calibration)
+    ratios = calibration.ratios[1:] or (1.0,)
+    print(f"Wrote the step-cache calibration of {calibration.describe()} to {out} (magnitude ratios "
+          f"{min(ratios):.3f}-{max(ratios):.3f}) in {time.perf_counter() - total_start:.1f} s.")
+    print(f"  Use it with: generate --cache calibrated --cache-file {out} (same weights, preset and steps); for "
+          f"ComfyUI put the file in models/{CACHE_FOLDER}/.")
+    if files.tiny:
+        print("SMOKE TEST: measured on the embedded tiny model (random weights); it says nothing about real "
+              "weights.")
     return 0
 
 
@@ -206,14 +303,26 @@ def _log_to(stream: TextIO) -> logging.Handler:
 
 def add_generate_parser(sub) -> None:
     """The ``generate`` command's options."""
-    from .attention import BACKENDS
-    from .dit.loader import WEIGHT_FORMATS
-    from .text.streaming import PLANS
 
     p = sub.add_parser("generate", help="prompt -> .mp4 (a tiny random model when no --models is given)",
                        description="Generate a video headless, with the same pipeline as the ComfyUI nodes.")
     p.add_argument("--prompt", required=True, help="what the video shows (Chinese, English or both)")
     p.add_argument("--out", default="video.mp4", help="output .mp4 file (default: video.mp4)")
+    add_model_file_args(p)
+    run = p.add_argument_group("sampling (defaults: the preset's; size 992x544, 204 frames (TI2V: 102); tiny "
+                               "model: 64x64, 17 frames, 3 steps)")
+    add_sampling_args(run)
+    add_cache_args(p)
+    add_device_args(p)
+    vid = p.add_argument_group("video file")
+    vid.add_argument("--fps", type=FINITE_NUMBER, help="frames per second (default 25, the official rate)")
+    vid.add_argument("--crf", type=int, help="H.264 quality, lower is better (default 23)")
+    vid.add_argument("--crop-540p", action="store_true",
+                     help="center-crop to 540x960 (960x540 portrait) like the official pipeline")
+
+
+def add_model_file_args(p) -> None:
+    """The model-file options of ``generate`` and ``calibrate-cache``."""
     files = p.add_argument_group("model files (default: the embedded tiny smoke-test model)")
     files.add_argument("--models", help="the official stepvideo-t2v (or stepvideo-ti2v) release folder "
                                         "(transformer/, vae/, step_llm/, hunyuan_clip/)")
@@ -222,10 +331,12 @@ def add_generate_parser(sub) -> None:
                                              ".safetensors file (e.g. fp8)")
     files.add_argument("--vae", help="VAE instead of <models>/vae/vae_v2.safetensors")
     files.add_argument("--text-encoders", help="folder with step_llm/ and hunyuan_clip/ instead of <models>")
-    files.add_argument("--cache", help="where the tiny default is cached (default: $STEPVIDEO_CACHE or "
-                                       "~/.cache/stepvideo)")
-    run = p.add_argument_group("sampling (defaults: the preset's; size 992x544, 204 frames (TI2V: 102); tiny "
-                               "model: 64x64, 17 frames, 3 steps)")
+    files.add_argument("--tiny-cache", help="where the tiny default is cached (default: $STEPVIDEO_CACHE or "
+                                            "~/.cache/stepvideo)")
+
+
+def add_sampling_args(run) -> None:
+    """The sampling options (preset, image, size, steps, guidance, seed, prompts, LoRAs) of both commands."""
     run.add_argument("--preset", default=None,
                      help="base (Step-Video-T2V: 50 steps, cfg 9, shift 13), turbo (Step-Video-T2V-Turbo: 15 steps, "
                           "cfg 5, shift 17) or ti2v (Step-Video-TI2V: 102 frames, 50 steps, cfg 9, shift 13, motion "
@@ -248,6 +359,40 @@ def add_generate_parser(sub) -> None:
     run.add_argument("--lora", action="append", default=[], metavar=LORA_SPEC, type=LORA_ARGUMENT,
                      help="a LoRA / .diff adapter (.safetensors) with an optional strength (default 1); repeat to "
                           "stack several")
+
+
+def add_cache_args(p) -> None:
+    """``generate``'s step-cache options."""
+    from .sampling.cache import CACHE_MODES, CALIBRATION_FILE, DEFAULT_END, DEFAULT_START, DEFAULT_THRESHOLDS
+
+    cache = p.add_argument_group("step cache (skip DiT calls whose output barely changes; default off)")
+    cache.add_argument("--cache", default="off", metavar="{" + ",".join(CACHE_MODES) + "}",
+                       help="off (every step calls the DiT); adaptive (EasyCache-style, no calibration: skips while "
+                            "the change estimated from the input change stays under the threshold); calibrated "
+                            "(MagCache-style: needs --cache-file from calibrate-cache for these weights, preset and "
+                            "steps; the pack ships none it has not measured). Skipped steps reuse the last velocity "
+                            "and stream no weights; the summary says how many DiT calls ran")
+    cache.add_argument("--cache-threshold", type=FINITE_NUMBER,
+                       help=f"skip while the accumulated estimate stays under this (default "
+                            f"{DEFAULT_THRESHOLDS['adaptive']:g}; 0 never skips; higher is faster and further from "
+                            f"the uncached video; calibrated also skips at most 2 steps in a row)")
+    cache.add_argument("--cache-start", type=FINITE_NUMBER, default=DEFAULT_START,
+                       help=f"no step before this fraction of the steps is skipped (default {DEFAULT_START:g}); "
+                            f"the first step never is")
+    cache.add_argument("--cache-end", type=FINITE_NUMBER, default=DEFAULT_END,
+                       help=f"no step from this fraction of the steps on is skipped (default {DEFAULT_END:g}); "
+                            f"the last step never is")
+    cache.add_argument("--cache-file", default=CALIBRATION_FILE,
+                       help=f"calibrated mode: the calibration JSON (or a folder of them) written by calibrate-cache "
+                            f"(default: {CALIBRATION_FILE})")
+
+
+def add_device_args(p) -> None:
+    """The device and memory options of both commands."""
+    from .attention import BACKENDS
+    from .dit.loader import WEIGHT_FORMATS
+    from .text.streaming import PLANS
+
     dev = p.add_argument_group("device and memory")
     dev.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     dev.add_argument("--dtype", choices=["default", *sorted(DTYPES)], default="default",
@@ -260,11 +405,38 @@ def add_generate_parser(sub) -> None:
     dev.add_argument("--attention", choices=BACKENDS, default="sdpa")
     dev.add_argument("--text-plan", choices=PLANS, default="auto",
                      help="text encoder placement: auto, resident, stream (layer by layer) or cpu")
-    vid = p.add_argument_group("video file")
-    vid.add_argument("--fps", type=FINITE_NUMBER, help="frames per second (default 25, the official rate)")
-    vid.add_argument("--crf", type=int, help="H.264 quality, lower is better (default 23)")
-    vid.add_argument("--crop-540p", action="store_true",
-                     help="center-crop to 540x960 (960x540 portrait) like the official pipeline")
+    dev.add_argument("--parallel", choices=("auto", "ulysses", "cfg"), default="auto",
+                     help="under torchrun (--nproc_per_node N): ulysses = sequence parallel over N ranks (N must "
+                          "divide the 48 heads), cfg = the two guidance branches on two groups of ranks, auto = "
+                          "cfg when guided and N is even, the rest sequence parallel. Ignored in one process")
+    dev.add_argument("--compile", nargs="?", const="blocks", default="off", choices=COMPILE_MODES,
+                     help="torch.compile the DiT's transformer blocks: --compile (= blocks) or --compile off "
+                          "(default). The first step compiles (tens of seconds, once per process, size and LoRA "
+                          "strength); a failed compile falls back to eager with one warning")
+
+
+def add_calibrate_parser(sub) -> None:
+    """The ``calibrate-cache`` command's options."""
+    from .sampling.cache import CACHE_FOLDER, CALIBRATION_FILE
+
+    p = sub.add_parser("calibrate-cache", help="measure the step cache's calibration for your weights (one "
+                                               "uncached run) and write it to a JSON file",
+                       description="One uncached sampling run (no VAE decode) recording the magnitude ratio of "
+                                   "successive velocities at every step, written as a small JSON keyed by the "
+                                   "DiT's identity (config and weight fingerprint), the preset and the step count, "
+                                   "for generate --cache calibrated and the StepVideo Sampler node (ComfyUI: "
+                                   f"models/{CACHE_FOLDER}/). The pack ships no calibration it has not "
+                                   "measured; a run takes minutes on a GPU at the official size.")
+    p.add_argument("--prompt", default=CALIBRATION_PROMPT,
+                   help=f"the prompt of the calibration run (default: {CALIBRATION_PROMPT!r})")
+    p.add_argument("--out", default=CALIBRATION_FILE,
+                   help=f"calibration JSON to write; an entry with the same model, preset and steps is replaced, "
+                        f"others are kept (default: {CALIBRATION_FILE})")
+    p.add_argument("--label", help="a name stored with the entry, for people (default: the model folder's name)")
+    add_model_file_args(p)
+    run = p.add_argument_group("sampling (as generate; calibrate with the preset, steps and size you will use)")
+    add_sampling_args(run)
+    add_device_args(p)
 
 
 def parse_lora(spec: str) -> tuple:
@@ -317,6 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_check.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p_check.add_argument("--attention", default="sdpa")
     add_generate_parser(sub)
+    add_calibrate_parser(sub)
     args = parser.parse_args(argv)
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
@@ -327,7 +500,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "check":
             return check(args.transformer, DTYPES[args.dtype], args.device, args.attention)
         if args.command == "generate":
-            return generate(args)
+            try:
+                return generate(args)
+            finally:
+                from .parallel.run import leave
+                leave()
+        if args.command == "calibrate-cache":
+            return calibrate(args)
     except (CheckpointError, AttentionBackendError, NonFiniteError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:

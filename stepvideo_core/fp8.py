@@ -44,12 +44,12 @@ MARKER_KEY = "scaled_fp8"
 SCALE_SUFFIX = ".scale_weight"
 IGNORED_SUFFIXES = (".scale_input",)
 _MIN_SCALE = 1e-12          # rows of zeros get this scale (their fp8 values are 0 anyway)
-_CHUNK_ELEMENTS = 1 << 24   # fp32 temporaries while quantising are at most 64 MB
+_CHUNK_ELEMENTS = 1 << 24   # CPU: fp32 temporaries while quantising are at most 64 MB each
 MATMUL_MODES = ("auto", "matmul", "dequantize")
 
 
 def _row_chunks(rows: int, cols: int):
-    """Row ranges whose fp32 copies stay under :data:`_CHUNK_ELEMENTS` elements."""
+    """Row ranges whose fp32 copies stay under :data:`_CHUNK_ELEMENTS` elements (the CPU path)."""
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
@@ -57,20 +57,50 @@ def _row_chunks(rows: int, cols: int):
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 copy of 2-D ``x``, fp32 scales [rows, 1]) with one scale per row: ``x ~ x8 * scale``.
 
-    Used for weights (rows = output channels) and for activations (rows = tokens).
-    Processed in row chunks so the fp32 temporaries stay small.
+    Used for weights (rows = output channels) and for activations (rows = tokens).  The values are
+    ``(x.float() / s).clamp(-448, 448).to(fp8)`` with ``s = max(max|x[r]| / 448, 1e-12)``; the clamp
+    never changes a value (``|x / s|`` rounds to at most 448) and is not run.  Off the CPU, and in a
+    compiled graph, one pass of two kernels (:func:`_quantize_in_one_pass`); on the CPU, whose kernels
+    compute mixed dtypes through fp32 temporaries anyway, in row chunks of in-place fp32 operations
+    (:func:`_quantize_in_chunks`).
+    Both give the same bits (tests/core/test_fp8_fused.py).
     """
     if x.ndim != 2:
         raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {list(x.shape)}")
+    x = x.detach()  # out= writes below; a quantised copy has no gradient anyway
     out = torch.empty(x.shape, dtype=FP8, device=x.device)
     scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    for start, stop in _row_chunks(*x.shape):
-        part = x[start:stop].to(torch.float32, copy=True)  # in-place below: one fp32 chunk at a time
-        scale = (part.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
-        out[start:stop] = part.div_(scale).clamp_(-FP8_MAX, FP8_MAX)
-        scales[start:stop] = scale
-        del part
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        _quantize_in_chunks(x, out, scales)
+    else:  # also inside a torch.compile graph (stepvideo_core.compile), which fuses it and cannot take the chunks
+        _quantize_in_one_pass(x, out, scales)
     return out, scales
+
+
+def _quantize_in_one_pass(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """Quantise all rows of ``x`` into ``out`` / ``scales`` with two kernels and no temporary the size of x.
+
+    The rows' largest magnitudes (``vector_norm(ord=inf)`` accumulated in fp32: exact, NaN kept, no
+    ``abs`` copy), then one division by the row scales computed in fp32 and rounded to e4m3 on store
+    (GPU kernels convert in registers; the tiny scale arithmetic in between is on [rows, 1]).
+    """
+    peak = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    torch.div(peak, FP8_MAX, out=scales).clamp_min_(_MIN_SCALE)
+    torch.div(x, scales, out=out)
+
+
+def _quantize_in_chunks(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """The CPU path: per row chunk, the peaks in x's own dtype (exact), then an fp32 copy divided in place.
+
+    Bounded fp32 temporaries (:data:`_CHUNK_ELEMENTS`), and the CPU's fastest sequence: its
+    mixed-dtype division and ``vector_norm`` would make fp32 copies of their own.
+    """
+    for start, stop in _row_chunks(*x.shape):
+        part = x[start:stop]
+        scale = (part.abs().amax(dim=1, keepdim=True).to(torch.float32) / FP8_MAX).clamp_min(_MIN_SCALE)
+        out[start:stop] = part.to(torch.float32, copy=True).div_(scale)
+        scales[start:stop] = scale
+        del part, scale
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +110,12 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight * scale`` in ``dtype``: the full-precision weight an fp8 weight stands for."""
-    return weight.to(dtype) * scale.reshape(-1, 1).to(dtype)
+    """``weight * scale`` in ``dtype``: the full-precision weight an fp8 weight stands for.
+
+    The cast and then the scaling in place: one full-size tensor is made, not two (same values:
+    the product of the cast weight and the scale cast to ``dtype``, rounded once).
+    """
+    return weight.to(dtype).mul_(scale.reshape(-1, 1).to(dtype))
 
 
 def normalize_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:

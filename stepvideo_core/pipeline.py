@@ -34,6 +34,7 @@ import torch
 from .attention import check_backend
 from .checkpoint import CheckpointError
 from .checks import finite_float
+from .compile import CompiledBlocks, CompileSettings, compiled_blocks
 from .condition import ImageConditionError, check_image, image_condition, image_from_file, image_noise_generator
 from .dit.loader import (detect_weight_format, find_transformer_files, load_transformer, meta_transformer,
                          resolve_config)
@@ -41,6 +42,7 @@ from .memory import available_host_bytes, trim_host_heap
 from .offload.planner import auto_plan, host_plan, weight_bytes
 from .sampling import (PRESETS, check_video_size, preset_for, resolve_motion_score, resolve_settings,
                        sample)
+from .sampling.cache import Calibration, StepCache, calibration_from_stats, model_identity
 from .text.clip import CLIP_DIR
 from .text.encoder import (ClipFolderNotFound, load_text_encoder, magic_prompts,
                            resolve_text_encoder_dirs, with_magic)
@@ -211,6 +213,7 @@ class GenerationResult:
     plan: dict
     seconds: dict
     notes: list
+    cache: dict = dataclasses.field(default_factory=dict)  # the sampler's step-cache stats (DiT calls, skips)
 
 
 class StepVideoPipeline:
@@ -229,14 +232,18 @@ class StepVideoPipeline:
     StepVideoLoraLoader nodes chain them.  They are read and validated here, before any
     weight is read (see :meth:`_load_adapters`); :attr:`adapters` holds the result.
     A Step-Video-TI2V transformer makes :meth:`generate` image-to-video (:attr:`is_ti2v`).
+    ``compile``: "off" (default) or "blocks": ``torch.compile`` of the DiT's transformer blocks for every
+    sampling run (:mod:`stepvideo_core.compile`; falls back to eager with one warning when compiling fails).
     """
 
     def __init__(self, files: ModelFiles, *, device: Union[None, str, torch.device] = None,
                  dtype: Optional[torch.dtype] = None, weight_format: str = "auto", attention: str = "sdpa",
                  blocks_on_device: Union[str, int] = "auto", text_plan: str = "auto",
                  text_dtype: torch.dtype = torch.bfloat16, alibi: bool = True, keep_models: bool = False,
-                 loras: Sequence[tuple] = ()):
+                 loras: Sequence[tuple] = (), compile: Union[None, str, CompileSettings] = None):
         self.files = files
+        self.compile = CompileSettings.parse(compile)  # "off"/"blocks" or CompileSettings, checked now
+        self.last_compile: Optional[CompiledBlocks] = None  # the last sampling run's compile state (summary())
         self.loras = [(Path(path), finite_float(strength, f"the strength of LoRA {Path(path).name}"))
                       for path, strength in loras]
         missing = [str(path) for path, _ in self.loras if not path.exists()]
@@ -257,6 +264,9 @@ class StepVideoPipeline:
         self._vae = None
         self._config = None
         self._adapters = self._load_adapters() if self.loras else ()
+        # A ParallelContext when this process is one rank of a torchrun run (stepvideo_core.parallel.run):
+        # rank 0 encodes the text and broadcasts it, every rank samples its share, the decode is split.
+        self.parallel = None
 
     def transformer_config(self):
         """The DiT's config (:class:`~stepvideo_core.dit.StepVideoDiTConfig`) from config.json and the file
@@ -395,13 +405,23 @@ class StepVideoPipeline:
     def sample(self, positive: dict, negative: Optional[dict], *, width: int, height: int, frames: int,
                steps: int, cfg: float, shift: float, seed: int, progress: Optional[ProgressFactory] = None,
                should_stop: Optional[Callable[[], bool]] = None, condition: Optional[torch.Tensor] = None,
-               motion_score: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+               motion_score: Optional[float] = None, cache: Optional[StepCache] = None,
+               stats: Optional[dict] = None, preset: Optional[str] = None) -> tuple[torch.Tensor, dict]:
         """(latents fp32 ``[1, F, C, h, w]`` on the CPU, the block plan) -- the sampler node's work.
 
         ``condition`` / ``motion_score``: the TI2V image condition (:meth:`encode_image`) and motion
         score, for a Step-Video-TI2V transformer only (see :func:`~stepvideo_core.sampling.sample`).
+        ``cache`` / ``stats``: the step cache and the dict its counts go to (see ``sample``); a
+        calibrated cache without its calibration finds it in its sources for this model, ``preset``
+        and ``steps`` (CalibrationNotFound otherwise).
         """
         model = self.transformer()
+        if cache is not None and cache.mode == "calibrated" and cache.calibration is None:
+            if preset is None:
+                raise ValueError("the calibrated step cache needs the preset (calibrations are keyed by it)")
+            cache = cache.resolved(model, preset, steps)
+        if cache is not None and cache.record_ratios and stats is not None:
+            stats["model"] = model_identity(model)  # the base weights', before any LoRA is merged in
         model.attention_backend = self.attention
         guided = cfg > 1.0
         plan = plan_blocks(model.config, device=self.device, compute_dtype=self.dtype,
@@ -415,13 +435,15 @@ class StepVideoPipeline:
         if self._adapters:  # same call as the sampler node: exact base weights back afterwards
             from .lora import attached
             adapters = attached(model, self._adapters, blocks_on_device=plan["blocks_on_device"])
-        with adapters:
+        compiled = self.last_compile = compiled_blocks(model, self.compile, device=self.device)
+        with adapters, compiled:  # compiled blocks inside the LoRA attachment, outside the streamer
             latents = sample(model, positive, negative if guided else None, width=width, height=height,
                              frames=frames, steps=steps, cfg=cfg, shift=shift, seed=seed, device=self.device,
                              blocks_on_device=plan["blocks_on_device"] if streamed else None,
-                             batch_cfg=plan["batch_cfg"], should_stop=should_stop,
+                             batch_cfg=plan["batch_cfg"] or self._cfg_parallel(), should_stop=should_stop,
                              on_step=(lambda i, n, _latents: update(i, n)) if update else None,
-                             condition=condition, motion_score=motion_score)
+                             condition=condition, motion_score=motion_score, cache=cache, stats=stats,
+                             parallel=self.parallel)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return latents, plan
@@ -453,17 +475,38 @@ class StepVideoPipeline:
 
     def decode(self, latents: torch.Tensor, progress: Optional[ProgressFactory] = None,
                should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-        """uint8 frames ``[T, H, W, 3]`` of ``latents`` ``[1, F, C, h, w]``: VAE decode + official post-processing."""
+        """uint8 frames ``[T, H, W, 3]`` of ``latents`` ``[1, F, C, h, w]``: VAE decode + official post-processing.
+
+        On a parallel run the 3-latent chunks are shared among the ranks and gathered in order
+        (:func:`~stepvideo_core.parallel.vae.decode_split`); every rank gets the frames.
+        """
         update = progress("VAE decode", max(latents.shape[1] // 3, 1)) if progress else None
-        video = self.vae().decode(latents, on_chunk=update, should_stop=should_stop, output_device="cpu")
+        if self.parallel is not None:
+            from .parallel.vae import decode_split
+            video = decode_split(self.vae(), latents.to(self.device), on_chunk=update).cpu()
+        else:
+            video = self.vae().decode(latents, on_chunk=update, should_stop=should_stop, output_device="cpu")
         return official_to_uint8(video)
+
+    def _cfg_parallel(self) -> bool:
+        """True when the two guidance branches run on two ranks (they then need the batched call)."""
+        return self.parallel is not None and self.parallel.layout.cfg > 1
+
+    def _encode_once(self, *args, **kwargs):
+        """:meth:`encode` on rank 0 only, its result broadcast to the other ranks of a parallel run
+        (the 19.6B text encoder is loaded once); a plain :meth:`encode` otherwise."""
+        if self.parallel is None:
+            return self.encode(*args, **kwargs)
+        result = self.encode(*args, **kwargs) if self.parallel.is_first else None
+        return self.parallel.broadcast_tensors(result)
 
     def generate(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, *, add_magic: bool = True,
                  preset: Optional[str] = None, width: int = 992, height: int = 544, frames: Optional[int] = None,
                  steps: Optional[int] = None, cfg: Optional[float] = None, shift: Optional[float] = None,
                  seed: int = 0, image: Optional[ImageInput] = None, motion_score: Optional[float] = None,
                  progress: Optional[ProgressFactory] = None,
-                 should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+                 should_stop: Optional[Callable[[], bool]] = None, cache: Optional[StepCache] = None,
+                 decode: bool = True) -> GenerationResult:
         """One video for ``prompt`` (from the first frame ``image`` on TI2V); see :class:`GenerationResult`.
 
         ``preset`` defaults to the transformer's (Step-Video-T2V, or Step-Video-TI2V for a TI2V
@@ -473,7 +516,10 @@ class StepVideoPipeline:
         not encoded when cfg <= 1.  ``image`` is an image file or an RGB tensor [3, h, w] in [-1, 1]:
         required by a Step-Video-TI2V transformer, refused by a T2V one.  Size, settings, the image
         and the mode are checked before anything is loaded.  Without ``keep_models`` the DiT and
-        the VAE are freed before returning.
+        the VAE are freed before returning.  ``cache``: the sampler's step cache
+        (:class:`~stepvideo_core.sampling.cache.StepCache`; its counts land in the result's ``cache``);
+        a calibrated one must find a calibration for the preset and step count before anything loads.
+        ``decode`` False stops after sampling (``frames`` is None; :meth:`calibrate_cache` needs no video).
         """
         ti2v = self.check_mode(image)
         preset = resolve_preset(preset) if preset is not None else preset_for(ti2v)
@@ -490,10 +536,13 @@ class StepVideoPipeline:
         magic, mode_negative = magic_prompts("ti2v" if ti2v else "t2v")
         negative = mode_negative if negative is OFFICIAL_NEGATIVE else negative
         guided = run["cfg"] > 1.0
+        if cache is not None:
+            cache.check_sources(preset, run["steps"])  # a missing calibration fails now, not after the text
         self.check_memory(width=width, height=height, frames=frames, guided=guided)
         seconds = {}
+        cache_stats = {}
         start = time.perf_counter()
-        positive, neg, notes = self.encode(prompt, (negative or "") if guided else None, add_magic, progress,
+        positive, neg, notes = self._encode_once(prompt, (negative or "") if guided else None, add_magic, progress,
                                            magic=magic)
         seconds["text"] = time.perf_counter() - start
         for note in notes:
@@ -507,11 +556,13 @@ class StepVideoPipeline:
             start = time.perf_counter()
             latents, plan = self.sample(positive, neg, width=width, height=height, frames=frames, seed=seed,
                                         progress=progress, should_stop=should_stop, condition=condition,
-                                        motion_score=motion, **run)
+                                        motion_score=motion, cache=cache, stats=cache_stats, preset=preset, **run)
             seconds["sample"] = time.perf_counter() - start
-            start = time.perf_counter()
-            pixels_out = self.decode(latents, progress, should_stop)
-            seconds["decode"] = time.perf_counter() - start
+            pixels_out = None
+            if decode:
+                start = time.perf_counter()
+                pixels_out = self.decode(latents, progress, should_stop)
+                seconds["decode"] = time.perf_counter() - start
         finally:
             if not self.keep_models:
                 self.unload()
@@ -522,7 +573,30 @@ class StepVideoPipeline:
                             image=str(image) if not isinstance(image, torch.Tensor) else "tensor")
         else:
             settings.update(mode="t2v")
-        return GenerationResult(frames=pixels_out, settings=settings, plan=plan, seconds=seconds, notes=notes)
+        if cache is not None:
+            settings.update(cache=cache.describe())
+        if self.compile.enabled and self.last_compile is not None:
+            settings.update(compile=self.last_compile.summary())
+        return GenerationResult(frames=pixels_out, settings=settings, plan=plan, seconds=seconds, notes=notes,
+                                cache=cache_stats)
+
+    def calibrate_cache(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, *, label: str = "",
+                        **generate_kwargs) -> Calibration:
+        """The step-cache :class:`~stepvideo_core.sampling.cache.Calibration` of this pipeline's DiT.
+
+        One uncached :meth:`generate` run (same arguments; no VAE decode) recording the magnitude
+        ratio of successive velocities at every step, keyed by the DiT's identity, the preset and the
+        step count.  Save it with :func:`~stepvideo_core.sampling.cache.save_calibration`.
+        """
+        result = self.generate(prompt, negative, cache=StepCache(record_ratios=True), decode=False,
+                               **generate_kwargs)
+        run = result.settings
+        measured = {k: run[k] for k in ("width", "height", "frames", "seed", "mode") if k in run}
+        measured.update(dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), device=str(self.device),
+                        weight_format=self.weight_format, transformer=str(self.files.transformer),
+                        loras=[f"{path.name}:{strength:g}" for path, strength in self.loras])
+        return calibration_from_stats(result.cache, preset=run["preset"], cfg=run["cfg"], shift=run["shift"],
+                                      label=label or Path(self.files.transformer).name, **measured)
 
     def unload(self) -> None:
         """Drop the DiT and the VAE (the next :meth:`generate` loads them again; the adapters stay)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import OrderedDict
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as default_ops
-from ..attention import check_backend
+from ..attention import Resolved, check_backend, resolve_backend
 from ..checks import count_non_finite, finite_float
 from .blocks import StepVideoBlock
 from .config import TIMESTEP_CHANNELS, TIMESTEP_RESCALE, StepVideoDiTConfig
 from .rope import rope_tables
+
+ROPE_CACHE_SIZE = 2  # RoPE table sets a model keeps (a run needs one: its video size, device and dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -121,6 +124,20 @@ class CaptionProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+def context_lengths(encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+    """Valid text tokens per sample [B] (int32): the mask summed in its own dtype, as the official model counts.
+
+    One function for the model and for callers that count on the host beforehand (the sampler
+    passes the longest as ``context_length``, so the model need not read it back from the device).
+    """
+    return encoder_attention_mask.sum(dim=1).int()
+
+
+def longest_context(encoder_attention_mask: torch.Tensor) -> int:
+    """The longest valid text length of ``encoder_attention_mask`` [B, S] (a host read of the mask's device)."""
+    return int(context_lengths(encoder_attention_mask).max())
+
+
 class StepVideoTransformer(nn.Module):
     """Step-Video DiT (T2V, Turbo, or TI2V when :attr:`is_ti2v`).  ``forward`` matches the official
     ``StepVideoModel.forward``.
@@ -134,6 +151,9 @@ class StepVideoTransformer(nn.Module):
         dim = config.inner_dim
         affine = config.norm_elementwise_affine
         self._attention_backend = "sdpa"
+        self._resolved_backends: dict = {}     # (device, dtype) -> Resolved: "auto" & co. checked once
+        self._rope_cache: OrderedDict = OrderedDict()  # (frames, h, w, device, dtype, inference) -> tables
+        self.rope_builds = 0                   # RoPE table sets built so far (tests, diagnostics)
         self.pos_embed = PatchEmbed(config.patch_size, config.patch_in_channels, dim, operations, device, dtype)
         self.transformer_blocks = nn.ModuleList(
             [StepVideoBlock(dim, config.attention_head_dim, operations, device, dtype)
@@ -159,8 +179,57 @@ class StepVideoTransformer(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        # checks the install now; device/dtype limits are checked per call
+        # checks the install now; device/dtype limits are checked once per (device, dtype) in resolved_attention
         self._attention_backend = check_backend(name)
+        self._resolved_backends = {}
+
+    def resolved_attention(self, device: torch.device, dtype: torch.dtype) -> Resolved:
+        """:attr:`attention_backend` resolved for activations on (``device``, ``dtype``), once per pair.
+
+        Exists so that ``"auto"`` (two ``importlib`` look-ups, ~2 ms) and the checks of an explicit
+        backend run once per model and device instead of in each of the 2 x 48 attention calls of a
+        forward.  The result compares equal to the requested name and carries the kernel the
+        unmasked calls run (:class:`~stepvideo_core.attention.Resolved`); raises
+        AttentionBackendError when an explicit backend cannot run on this device or dtype.
+        """
+        key = (self._attention_backend, device, dtype)
+        found = self._resolved_backends.get(key)
+        if found is None:
+            kernel = resolve_backend(self._attention_backend, device, dtype, masked=False)
+            found = self._resolved_backends[key] = Resolved(self._attention_backend, kernel)
+        return found
+
+    def rope(self, frames: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> tuple:
+        """The RoPE tables for a ``frames`` x ``h`` x ``w`` token grid, built once and kept (see below).
+
+        Identical at every step of a run, so they are kept per (grid, device, dtype) -- at most
+        :data:`ROPE_CACHE_SIZE` sets, the oldest dropped first.  Tables built under
+        ``torch.inference_mode`` are kept apart from others (inference tensors cannot enter
+        autograd), and nothing is kept while autograd records.  :meth:`clear_rope_cache` (called
+        by the block streamer when a run ends, and by any ``.to()`` of the model) drops them.
+        """
+        key = (frames, h, w, torch.device(device), dtype, torch.is_inference_mode_enabled())
+        found = self._rope_cache.get(key)
+        if found is not None:
+            self._rope_cache.move_to_end(key)
+            return found
+        found = rope_tables(frames, h, w, dtype, device)
+        self.rope_builds += 1
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            self._rope_cache[key] = found
+            while len(self._rope_cache) > ROPE_CACHE_SIZE:
+                self._rope_cache.popitem(last=False)
+        return found
+
+    def clear_rope_cache(self) -> None:
+        """Drop the kept RoPE tables (they may sit on an accelerator)."""
+        self._rope_cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half(): the kept RoPE tables (and resolutions) belong to the old placement
+        self.clear_rope_cache()
+        self._resolved_backends = {}
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def is_ti2v(self) -> bool:
@@ -179,13 +248,17 @@ class StepVideoTransformer(nn.Module):
     # -- forward -----------------------------------------------------------------
     def text_context(self, encoder_hidden_states: torch.Tensor,
                      encoder_hidden_states_2: Optional[torch.Tensor],
-                     encoder_attention_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     encoder_attention_mask: Optional[torch.Tensor],
+                     context_length: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Projected context [B, S, D] (CLIP tokens first, then Step-LLM) and its mask [B, 1, 1, S].
 
         Like the official model, the mask only contributes per-sample *counts*:
         the context is cut to the longest valid length and position j is valid
         for sample b when j < count_b.  Counts are summed in the mask's own dtype
-        (the official pipeline passes it in the compute dtype).
+        (the official pipeline passes it in the compute dtype).  ``context_length``, when
+        given, is that longest length as the caller counted it on the host
+        (:func:`longest_context` of the same mask in the same dtype), which spares reading
+        it back from the device; it must be the mask's own (it is trusted, not checked).
         """
         context = self.caption_projection(self.caption_norm(encoder_hidden_states))
         if encoder_hidden_states_2 is not None and hasattr(self, "clip_projection"):
@@ -195,8 +268,8 @@ class StepVideoTransformer(nn.Module):
         if encoder_attention_mask.shape != context.shape[:2]:
             raise ValueError(f"encoder_attention_mask must be [B, {context.shape[1]}] (77 CLIP ones followed "
                              f"by the Step-LLM mask), got {list(encoder_attention_mask.shape)}")
-        lengths = encoder_attention_mask.sum(dim=1).int()
-        longest = int(lengths.max())
+        lengths = context_lengths(encoder_attention_mask)
+        longest = int(lengths.max()) if context_length is None else int(context_length)
         positions = torch.arange(longest, device=context.device)
         mask = (positions[None, :] < lengths[:, None].to(context.device))[:, None, None, :]
         return context[:, :longest], mask
@@ -205,7 +278,8 @@ class StepVideoTransformer(nn.Module):
                 encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None,
                 condition_hidden_states: Optional[torch.Tensor] = None,
-                motion_score: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
+                motion_score: Union[None, float, torch.Tensor] = None,
+                context_length: Optional[int] = None) -> torch.Tensor:
         """Velocity [B, F, C, H, W] for latents ``hidden_states`` [B, F, C, H, W] at sigma ``timestep`` [B].
 
         Activations are cast to :attr:`compute_dtype`; ``timestep`` keeps its
@@ -215,7 +289,8 @@ class StepVideoTransformer(nn.Module):
         axis before the patch embed, and ``motion_score``, a number (or a one-element or [B]
         tensor) that becomes ``tensor([score]).repeat(B)`` in the compute dtype -- rounded to bf16
         in bf16, as officially -- before the sinusoid.  Raises ValueError when a TI2V model lacks
-        them or a T2V model is given them.
+        them or a T2V model is given them.  ``context_length``: the longest valid text length of
+        ``encoder_attention_mask``, when the caller knows it (see :meth:`text_context`).
         """
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be [B, F, C, H, W], got shape {list(hidden_states.shape)}")
@@ -240,8 +315,8 @@ class StepVideoTransformer(nn.Module):
         context, mask = self.text_context(
             encoder_hidden_states.to(dtype),
             None if encoder_hidden_states_2 is None else encoder_hidden_states_2.to(dtype),
-            encoder_attention_mask)
-        rope = rope_tables(frames, h, w, dtype, x.device)
+            encoder_attention_mask, context_length)
+        rope = self.rope(frames, h, w, dtype, x.device)
 
         holder = [x]
         del x
@@ -284,8 +359,9 @@ class StepVideoTransformer(nn.Module):
         the peak of every block (1.9 GB at 544x992x204 with batched CFG).
         """
         x = holder.pop()
+        backend = self.resolved_attention(x.device, x.dtype)
         for block in self.transformer_blocks:
-            x = block(x, context, t6, rope, mask, self._attention_backend)
+            x = block(x, context, t6, rope, mask, backend)
         return x
 
     def final_layer(self, x: torch.Tensor, embedded: torch.Tensor, batch: int, frames: int,
@@ -320,7 +396,9 @@ def motion_score_tensor(score: Union[float, torch.Tensor], batch: int, dtype: to
         score = score.detach().reshape(()).item()
     if isinstance(score, bool) or not isinstance(score, numbers.Real):
         raise ValueError(f"motion_score must be a number (e.g. 5.0), got {type(score).__name__}")
-    return torch.tensor([finite_float(score, "motion_score")], device=device, dtype=dtype).repeat(batch)
+    # a fill, not torch.tensor([score], device=...): no host->device copy (a stream sync) per forward;
+    # the number is rounded to ``dtype`` by the same conversion either way
+    return torch.full((batch,), finite_float(score, "motion_score"), device=device, dtype=dtype)
 
 
 def build_transformer(config: Union[None, Mapping[str, Any], StepVideoDiTConfig] = None,

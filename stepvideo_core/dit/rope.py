@@ -8,6 +8,13 @@ frequencies theta^(-2i/d) for i < d/2 repeated twice.
 Bit-parity detail: angles are computed in fp32 and then *rounded to the
 activation dtype before* cos/sin, as the official code does; in bf16 this
 changes results noticeably, so it is reproduced here on purpose.
+
+Rotation without a gather: ``rotate_half`` only swaps the two halves of each chunk, so
+:func:`apply_rope` multiplies the swapped halves as strided views of x instead of building a
+permuted copy of q and k (``x[..., partner]``) per block.  Every element still gets
+``x*cos`` and ``partner*signed_sin``, each rounded to the dtype, then their sum rounded: the
+same operations in the same order as the official ``x*cos + rotate_half(x)*sin``, bit for
+bit (tests/core/dit/test_rope.py holds it to the gather, fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ def rope_tables(frames: int, height: int, width: int, dtype: torch.dtype,
                            torch.arange(width, device=device), indexing="ij")
     cos_parts, sin_parts, partner, sign = [], [], [], []
     offset = 0
-    for axis_positions, dim in zip(grids, ROPE_SPLIT):
-        angles = _axis_angles(int(axis_positions.max()) + 1, dim, dtype, device)
+    # the axis lengths are the grid sizes themselves: no read-back of positions.max() from the device
+    for axis_positions, length, dim in zip(grids, (frames, height, width), ROPE_SPLIT):
+        angles = _axis_angles(length, dim, dtype, device)
         pos = axis_positions.reshape(-1)
         cos_parts.append(angles.cos()[pos])
         sin_parts.append(angles.sin()[pos])
@@ -52,10 +60,44 @@ def rope_tables(frames: int, height: int, width: int, dtype: torch.dtype,
     return cos, signed_sin, torch.cat(partner)
 
 
+def _chunk_groups(split: tuple) -> tuple:
+    """(first channel, chunk size, number of chunks) for each run of equal-sized chunks of ``split``.
+
+    (64, 32, 32) gives ((0, 64, 1), (64, 32, 2)): the frame chunk alone, then the row and column
+    chunks together (both 32 wide), so the rotation takes two strided operations per half, not three.
+    """
+    groups, offset = [], 0
+    for dim in split:
+        if groups and groups[-1][1] == dim and groups[-1][0] + groups[-1][1] * groups[-1][2] == offset:
+            start, size, count = groups[-1]
+            groups[-1] = (start, size, count + 1)
+        else:
+            groups.append((offset, dim, 1))
+        offset += dim
+    return tuple(groups)
+
+
+_GROUPS = _chunk_groups(ROPE_SPLIT)
+
+
 def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate x [B, L, H, 128] by the tables of :func:`rope_tables`; same dtype as x."""
-    cos, signed_sin, partner = tables
+    """Rotate x [B, L, H, 128] by the tables of :func:`rope_tables`; same dtype as x.
+
+    ``x*cos`` is computed whole; the ``rotate_half`` term is added half-chunk by half-chunk from
+    strided views of x (the partner of the first half of a chunk is its second half and the
+    reverse), so no permuted copy of x is made: the largest temporary is a quarter of x.
+    Element for element the same roundings as ``x*cos + x[..., partner]*signed_sin``.
+    """
+    cos, signed_sin, _partner = tables
     cos = cos[None, :, None, :]
     signed_sin = signed_sin[None, :, None, :]
     out = x * cos
-    return out.add_(x[..., partner].mul_(signed_sin))  # in place on fresh tensors: same values
+    for start, size, count in _GROUPS:
+        stop, half = start + size * count, size // 2
+        # channels [start, stop) as [..., chunk, half (first/second), channel within the half]
+        xs = x[..., start:stop].unflatten(-1, (count, 2, half))
+        outs = out[..., start:stop].unflatten(-1, (count, 2, half))
+        sins = signed_sin[..., start:stop].unflatten(-1, (count, 2, half))
+        for target, source in ((0, 1), (1, 0)):
+            outs[..., target, :].add_(xs[..., source, :] * sins[..., target, :])
+    return out

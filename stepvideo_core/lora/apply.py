@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import fp8
 from ..checks import finite_float
+from ..offload.kept import forget_changed
 from .adapter import LoraAdapter, Patch, format_blocks
 from .formats import LoraError
 from .fuse import resolve_module
@@ -124,25 +126,76 @@ def _decide(mode: str, module: nn.Module, leaf: str, block: Optional[int], block
 
 
 class _Hook:
-    """Forward hook adding the on-the-fly patches of one layer to its output."""
+    """Forward hook adding the on-the-fly patches of one layer to its output.
+
+    Low-rank patches of a Linear layer are applied together as one low-rank update: their
+    ``down`` matrices stacked into ``D`` [R, in] and their ``up`` matrices, scaled by
+    ``scale * strength`` and placed in the rows their slot owns (zeros elsewhere), into ``U``
+    [out, R].  A call then costs two GEMMs, ``h = x D^T`` and ``output += h U^T`` (``addmm_``,
+    the addition inside the GEMM), whatever the number of patches: no full-size elementwise pass
+    over the output, no temporary the size of the output.  Before, each patch multiplied its
+    full-size delta by its scale and its strength and then added it (three passes over the
+    output and five operations per patch, three patches on a split q/k/v LoRA), which cost far
+    more than the rank-r products themselves.  Other patches (full differences, biases, Conv2d)
+    go one by one.
+    """
 
     def __init__(self, items: list):
         self.items = items            # (patch, strength)
-        self.cache: dict = {}         # (id(patch), device, dtype) -> tensors on that device
+        self.cache: dict = {}         # (index in items, device, dtype) -> tensors on that device
+        self.stacked: dict = {}       # (device, dtype, rows) -> (D, U) of the Linear low-rank patches, or None
 
-    def _tensors(self, patch: Patch, x: torch.Tensor) -> tuple:
-        key = (id(patch), x.device, x.dtype)
+    def _tensors(self, index: int, patch: Patch, x: torch.Tensor) -> tuple:
+        # keyed by position, not by id(patch): a torch.compile'd block (stepvideo_core.compile) then
+        # guards on no object's identity, and every block shares one graph
+        key = (index, x.device, x.dtype)
         found = self.cache.get(key)
         if found is None:
             found = tuple(t.to(device=x.device, dtype=x.dtype) for t in patch.tensors())
             self.cache[key] = found
         return found
 
+    def _stack(self, x: torch.Tensor, rows: int) -> Optional[tuple]:
+        """(D [R, in], U [rows, R]) on x's device and dtype for this layer's low-rank patches (made once),
+        or None when it has none.  Built in fp32, so ``scale * strength`` is rounded once, into U."""
+        key = (x.device, x.dtype, rows)
+        if key in self.stacked:
+            return self.stacked[key]
+        lowrank = [(p, s) for p, s in self.items if p.kind == "lowrank"]
+        found = None
+        if lowrank:
+            total = sum(p.rank for p, _ in lowrank)
+            down = torch.cat([p.down.reshape(p.rank, -1).to(torch.float32) for p, _ in lowrank])
+            up = torch.zeros(rows, total, dtype=torch.float32)
+            first = 0
+            for patch, strength in lowrank:
+                columns = up[:, first:first + patch.rank]
+                scaled = patch.up.reshape(-1, patch.rank).to(torch.float32) * (patch.scale * strength)
+                slot = patch.target.slot
+                if slot is None:
+                    columns.copy_(scaled)
+                else:  # the slot's rows of the fused output: [heads, head_dim, rank]
+                    slot.of_weight(columns).copy_(scaled.unflatten(0, (-1, slot.head_dim)))
+                first += patch.rank
+            found = (down.to(device=x.device, dtype=x.dtype), up.to(device=x.device, dtype=x.dtype))
+        self.stacked[key] = found
+        return found
+
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         conv = isinstance(module, nn.Conv2d)
-        for patch, strength in self.items:
-            delta = patch.output_delta(module, x, self._tensors(patch, x)).to(output.dtype) * strength
+        stacked = None if conv else self._stack(x, output.shape[-1])
+        if stacked is not None:
+            down, up = stacked
+            hidden = F.linear(x, down)
+            if output.is_contiguous() and output.dtype == hidden.dtype:
+                output.view(-1, output.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.t())
+            else:
+                output = output + F.linear(hidden, up).to(output.dtype)
+        for index, (patch, strength) in enumerate(self.items):
+            if stacked is not None and patch.kind == "lowrank":
+                continue  # in the stacked update above
+            delta = patch.output_delta(module, x, self._tensors(index, patch, x)).to(output.dtype) * strength
             slot = patch.target.slot
             if slot is None:
                 output = output + delta
@@ -288,8 +341,10 @@ class Attachment:
             w8, new_scale = fp8.quantize_weight(full)
             weight.copy_(w8)
             scale.copy_(new_scale.reshape(scale.shape))
+            forget_changed(self.model, [weight, scale])  # device copies kept between runs are stale now
         else:
             weight.copy_(full)
+            forget_changed(self.model, [weight])
         self.merged.append(module_name if leaf == "weight" else f"{module_name}.{leaf}")
 
     def _save(self, module: nn.Module, name: str) -> torch.Tensor:
@@ -308,9 +363,11 @@ class Attachment:
             with torch.no_grad():
                 for saved in reversed(self._saved):
                     saved.restore()
+                    forget_changed(self.model, [saved.original, saved.current()])
         finally:
             for hook in self._hook_objects:
                 hook.cache.clear()
+                hook.stacked.clear()
             self._hooks, self._hook_objects, self._saved = [], [], []
             self.merged, self.hooked = [], []
             if attachment_of(self.model) is self:

@@ -22,9 +22,18 @@ Transports (``mode``):
             compute device, "copy" otherwise.
 
 Every CUDA call of the "cuda" transport goes through one :class:`TorchCuda` object
-(streams, events, the current stream, the non-blocking copy, pinning); the streamer
-takes another one as ``cuda_api`` so tests can record the order of those calls on a
-machine without a GPU (tests/core/offload/test_streamer_cuda_order.py).
+(streams, events, the current stream, the non-blocking copy, pinning, device allocations); the
+streamer takes another one as ``cuda_api`` so tests can record the order of those calls on a
+machine without a GPU (tests/core/offload/test_streamer_cuda_order.py, test_kept_weights.py).
+
+Resident tensors: with the "cuda" transport they are uploaded on the copy stream, from pinned
+memory (pinned once, like the streamed blocks, after them so that a pinned-memory budget goes
+to the blocks copied at every step first), and the compute stream waits for them; "copy"
+uploads with ordinary copies.  Given ``kept`` (a :class:`~stepvideo_core.offload.kept.KeptWeights`)
+the streamer reuses the device copies it holds and leaves the ones it uploads there, so the
+next run moves no resident weight (kept uploads read the home tensors as they are: one upload
+per eviction does not repay pinning them).  ``uploaded`` / ``reused`` name the resident tensors
+of a run either way.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .kept import KeptWeights
 from .schedule import Action, initial_state, plan_pass, split_blocks
 
 log = logging.getLogger("StepVideo")
@@ -111,6 +121,10 @@ class TorchCuda:
         """Enqueue ``dst <- src`` on the current stream without blocking the host."""
         dst.copy_(src, non_blocking=True)
 
+    def empty(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor on ``device`` (a slot, or a resident tensor's device copy)."""
+        return torch.empty(shape, dtype=dtype, device=device)
+
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.pin_memory()
 
@@ -139,16 +153,25 @@ class BlockStreamer:
     polled before every block; True raises :class:`SamplingInterrupted`.
     ``trace`` records the executed actions (for tests and diagnostics).
     ``cuda_api`` replaces the torch.cuda calls of the "cuda" transport (:class:`TorchCuda`, for tests).
+    ``kept``: device copies of the resident tensors kept between runs (see the module docstring);
+    they are released when the run ends with an error other than :class:`SamplingInterrupted`.
     """
 
     def __init__(self, model: nn.Module, device: Union[str, torch.device],
                  blocks_on_device: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
-                 mode: str = "auto", cuda_api: Optional[TorchCuda] = None):
+                 mode: str = "auto", cuda_api: Optional[TorchCuda] = None, kept: Optional[KeptWeights] = None):
         self.model = model
         self.cuda = cuda_api or TORCH_CUDA
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.cuda.current_device())
+        self.kept = kept
+        if kept is not None and kept.device != self.device:  # copies made for another device are no use here
+            kept.release()
+            kept.device = self.device
+        self.uploaded: list[str] = []   # resident tensors copied to the device by this run
+        self.reused: list[str] = []     # resident tensors found on the device (kept from an earlier run)
+        self.uploaded_bytes = 0
         self.blocks = list(model.transformer_blocks)
         self.blocks_on_device = blocks_on_device
         self.resident, self.streamed = split_blocks(len(self.blocks), blocks_on_device)
@@ -170,28 +193,105 @@ class BlockStreamer:
     # -- set-up / tear-down ----------------------------------------------------------
     def __enter__(self) -> "BlockStreamer":
         try:
-            self._place_resident()
-            if self.streamed:
+            if self.streamed:  # first: the streamed blocks get the pinned memory (they are copied every step)
                 self._prepare_streamed()
+            self._place_resident()
             self._install_hooks()
         except BaseException:
             self._restore()
+            if self.kept is not None:
+                self.kept.release()
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
         self._restore()
+        if self.kept is not None and exc_type is not None and not issubclass(exc_type, SamplingInterrupted):
+            self.kept.release()  # an error (out of memory...) leaves no device copy behind
 
     def _place_resident(self) -> None:
-        """Copy everything except the streamed blocks to the device, remembering each home tensor."""
+        """Put everything except the streamed blocks on the device (kept copies, else uploads), remembering homes."""
         skip = {id(m) for b in self.streamed for m in self.blocks[b].modules()}
+        names = {id(m): n for n, m in self.model.named_modules()}
+        resident, missing = [], []
         for owner, name, is_param in _tensor_slots(self.model):
             if id(owner) in skip:
                 continue
             home = _get(owner, name, is_param)
-            if home.device != self.device:
-                self._homes.append((owner, name, is_param, home))
-                _set(owner, name, is_param, home.to(self.device))
+            if home.device == self.device:
+                continue
+            label = f"{names.get(id(owner), '?')}.{name}".lstrip(".")
+            resident.append((owner, name))
+            copy = self.kept.take(owner, name, home) if self.kept is not None else None
+            self._homes.append((owner, name, is_param, home))
+            if copy is not None:
+                _set(owner, name, is_param, copy)
+                self.reused.append(label)
+            else:
+                missing.append((owner, name, is_param, label))
+        if self.kept is not None:
+            self.kept.retain(resident)  # blocks streamed now, tensors that live on the device: no second copy
+        self._upload(missing)
+
+    def _upload(self, missing: list) -> None:
+        """Copy the ``missing`` resident tensors (owner, name, is_param, label) to the device.
+
+        "cuda": from pinned memory when nothing keeps them (pinned in place, once), on the copy
+        stream, the compute stream waiting for the last copy; device copies are allocated outside
+        the copy stream, so they belong to the compute stream that uses (and frees) them.
+        """
+        if not missing:
+            return
+        if self.mode != "cuda":
+            for owner, name, is_param, label in missing:
+                home = _get(owner, name, is_param)
+                copy = home.to(self.device)
+                self._uploaded(owner, name, is_param, label, home, copy)
+            return
+        pin = self.kept is None
+        jobs = []
+        for owner, name, is_param, label in missing:
+            home = _get(owner, name, is_param)
+            if pin and home.device.type == "cpu" and not self.cuda.is_pinned(home):
+                try:
+                    home = self.cuda.pin(home)
+                except RuntimeError as exc:  # pinned memory exhausted: copies stay correct, just slower
+                    log.warning("StepVideo: could not pin resident weights (%s); uploading from pageable memory", exc)
+                    pin = False
+                else:
+                    _set(owner, name, is_param, home)
+                    self._rehome(owner, name, home)
+            jobs.append((owner, name, is_param, label, home, self.cuda.empty(tuple(home.shape), home.dtype,
+                                                                             self.device)))
+        stream = self._side_stream()
+        with self.cuda.stream(stream):
+            for _, _, _, _, home, copy in jobs:
+                self.cuda.copy_(copy, home)
+        landed = self.cuda.new_event()
+        landed.record(stream)
+        self.cuda.current_stream(self.device).wait_event(landed)
+        for owner, name, is_param, label, home, copy in jobs:
+            self._uploaded(owner, name, is_param, label, home, copy)
+
+    def _rehome(self, owner: nn.Module, name: str, home: torch.Tensor) -> None:
+        """Record ``home`` (a pinned replacement) as the home of ``owner.<name>`` for the restore."""
+        for i, (o, n, p, _) in enumerate(self._homes):
+            if o is owner and n == name:
+                self._homes[i] = (o, n, p, home)
+                return
+
+    def _uploaded(self, owner, name, is_param, label, home, copy) -> None:
+        _set(owner, name, is_param, copy)
+        self.uploaded.append(label)
+        self.uploaded_bytes += copy.nbytes
+        if self.kept is not None:
+            self.kept.keep(owner, name, home, copy)
+
+    def _side_stream(self):
+        """The copy stream of this run ("cuda"), made on first use."""
+        if self._copy_stream is None:
+            self._copy_stream = self.cuda.new_stream(self.device)
+        return self._copy_stream
 
     def _prepare_streamed(self) -> None:
         """Pin the streamed blocks' host copies (CUDA, once per model) and allocate the device slots."""
@@ -213,10 +313,11 @@ class BlockStreamer:
         if self.mode == "none":
             return
         slots = len(self._state)
-        self._slots = [[torch.empty(shape, dtype=dtype, device=self.device) for _, _, shape, dtype in layout]
-                       for _ in range(slots)]
+        empty = self.cuda.empty if self.mode == "cuda" else (
+            lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+        self._slots = [[empty(shape, dtype, self.device) for _, _, shape, dtype in layout] for _ in range(slots)]
         if self.mode == "cuda":
-            self._copy_stream = self.cuda.new_stream(self.device)
+            self._side_stream()
             self._ready = [self.cuda.new_event() for _ in range(slots)]
             self._done = [self.cuda.new_event() for _ in range(slots)]
             for event in self._done:  # slots start free
@@ -235,6 +336,9 @@ class BlockStreamer:
         for owner, name, is_param, home in reversed(self._homes):
             _set(owner, name, is_param, home)
         self._homes = []
+        clear_tables = getattr(self.model, "clear_rope_cache", None)
+        if clear_tables is not None:  # the DiT's RoPE tables, kept for the run, may sit on the device
+            clear_tables()
         self._slots, self._ready, self._done, self._pending, self._computing = [], [], [], [], {}
         self._copy_stream = None
         self._state = initial_state(len(self.blocks), self.blocks_on_device)

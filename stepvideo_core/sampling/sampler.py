@@ -22,14 +22,20 @@ Weight placement (all on the device, or block streaming) is delegated to
 
 from __future__ import annotations
 
+import inspect
 import logging
+from contextlib import nullcontext
 from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 from ..checks import NonFiniteError, count_non_finite, finite_float
+from ..dit.model import longest_context
 from ..lora.apply import attachment_of
+from ..offload.kept import KeptWeights
 from ..offload.streamer import BlockStreamer, SamplingInterrupted, TorchCuda
+from ..parallel.dit import attach
+from .cache import CacheRun, StepCache
 from .noise import initial_noise, latent_shape
 from .schedule import DEFAULT_MOTION_SCORE, euler_step, flow_match_sigmas, guidance
 
@@ -138,6 +144,25 @@ def check_image_inputs(model: torch.nn.Module, condition: Optional[torch.Tensor]
     return DEFAULT_MOTION_SCORE if motion_score is None else finite_float(motion_score, "motion_score")
 
 
+def _add_context_lengths(model: torch.nn.Module, dtype: torch.dtype, calls: list) -> None:
+    """Give each call's inputs the longest valid text length of its mask(s), counted here on the host.
+
+    ``calls``: (inputs dict or None, the conditioning dicts it was made from).  Exists so that the
+    DiT does not read ``lengths.max()`` back from the GPU at every call (a host sync per step): the
+    masks as given (usually on the CPU) are counted once per run, in the compute dtype the model
+    sums them in.  Only models whose ``forward`` names ``context_length`` get it.
+    """
+    if "context_length" not in inspect.signature(model.forward).parameters:
+        return
+    for inputs, sources in calls:
+        if inputs is None:
+            continue
+        masks = [c.get("encoder_attention_mask") for c in sources]
+        if any(m is None for m in masks):
+            continue
+        inputs["context_length"] = max(longest_context(m.to(dtype)) for m in masks)
+
+
 def _concat(a: dict, b: dict) -> Optional[dict]:
     """[a; b] along the batch axis, or None when the two cannot share one call (different lengths)."""
     out = {}
@@ -159,7 +184,9 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
            batch_cfg: bool = True, noise: Optional[torch.Tensor] = None,
            on_step: Optional[StepCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
            streamer_mode: str = "auto", cuda_api: Optional[TorchCuda] = None,
-           condition: Optional[torch.Tensor] = None, motion_score: Optional[float] = None) -> torch.Tensor:
+           condition: Optional[torch.Tensor] = None, motion_score: Optional[float] = None,
+           cache: Optional[StepCache] = None, stats: Optional[dict] = None,
+           kept: Optional[KeptWeights] = None, parallel=None) -> torch.Tensor:
     """Generate latents: returns fp32 ``[B, frames/17*3, 64, height/16, width/16]`` on the CPU.
 
     * ``positive`` / ``negative``: dicts with ``encoder_hidden_states`` [B, S, 6144],
@@ -178,12 +205,31 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
     * ``streamer_mode`` / ``cuda_api``: passed to the
       :class:`~stepvideo_core.offload.streamer.BlockStreamer` (``cuda_api`` None: torch.cuda's own
       calls; a host such as ComfyUI passes one whose pinning stays within its pinned-memory budget).
+    * ``kept``: a :class:`~stepvideo_core.offload.kept.KeptWeights` the resident weights' device copies
+      are taken from and left in, so the next run uploads none (None: uploaded and dropped per run).
+      Pass one only when something can release it when the memory is wanted (ComfyUI's sampler node
+      registers it with ComfyUI's model management).
 
     * ``condition`` / ``motion_score`` (Step-Video-TI2V only, required / default 5): the
       first-frame condition ``[1, F, 64, h, w]`` from :func:`~stepvideo_core.condition.image_condition`
       at this size, repeated to every row of every model call (both guidance branches see the
       image, as officially) and cast to the compute dtype; the motion score is passed to every
       call (the model rounds it to the compute dtype).
+
+    * ``cache``: a :class:`~stepvideo_core.sampling.cache.StepCache` (default off: bit-identical to
+      no cache); a skipped step makes no DiT call (both CFG branches skip together) and reuses the
+      last velocity; ``on_step``, ``should_stop`` and the non-finite check run on every step.  A
+      calibrated cache must carry its calibration (:meth:`StepCache.resolved`).
+    * ``stats``: a dict filled in as the run goes (also when interrupted): ``dit_calls`` (DiT calls
+      made), ``skipped_calls``, ``skipped_steps`` (1-based), ``cache`` (the settings in words),
+      ``steps``, and ``ratios`` when the cache records them;
+      :func:`~stepvideo_core.sampling.cache.summary` puts it in words.
+
+    * ``parallel``: a :class:`~stepvideo_core.parallel.ParallelContext`: this process is one rank of a
+      parallel run (Ulysses sequence parallel and/or CFG parallel, :func:`stepvideo_core.parallel.attach`).
+      Every rank calls with the same arguments and gets the same latents; ``should_stop`` is then
+      polled only before each step, and the ranks agree (any rank's stop stops all at the same step),
+      since a rank leaving between blocks would leave the others waiting in a collective.
 
     Raises ValueError for a NaN/Inf ``cfg``, ``shift`` or ``motion_score``, for image inputs that do
     not fit the transformer (see :func:`check_image_inputs`), and :class:`NonFiniteError` when the
@@ -211,12 +257,22 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
     pos = _prepared(positive, batch, dtype, device)
     neg = _prepared(negative, batch, dtype, device) if guided else None
     both = _concat(pos, neg) if guided and batch_cfg else None
+    _add_context_lengths(model, dtype, [(pos, [positive]), (neg, [negative]), (both, [positive, negative])])
     image = {}  # the TI2V condition for the one call batch this run uses, in the compute dtype
     if condition is not None:
         rows = condition.to(device=device, dtype=dtype).expand(batch, *shape[1:])
         # batched CFG: [cond; uncond] rows both see the image, as the official .repeat(2) does
         image = {2 * batch: torch.cat([rows, rows])} if both is not None else {batch: rows.contiguous()}
         del rows
+    calls_per_step = 2 if guided and both is None else 1
+    streamer_stop, placement = should_stop, nullcontext()
+    if parallel is not None:
+        if parallel.layout.cfg > 1 and not (guided and both is not None):
+            raise ValueError("CFG parallel computes the two branches of the batched [cond; uncond] call on two ranks: "
+                             "it needs guidance (cfg > 1) with batched CFG")
+        local_stop, streamer_stop, placement = should_stop, None, attach(model, parallel)
+        should_stop = lambda: parallel.agree_to_stop(local_stop())  # noqa: E731 - every rank, every step
+    run = CacheRun(cache if cache is not None else StepCache(), steps, calls_per_step, stats, model)
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         timestep = sigma.expand(x.shape[0]).to(x.dtype)
@@ -225,20 +281,23 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
         return model(hidden_states=x, timestep=timestep, **cond, condition_hidden_states=image[x.shape[0]],
                      motion_score=motion_score)
 
-    with torch.inference_mode(), BlockStreamer(model, device, blocks_on_device, should_stop=should_stop,
-                                               mode=streamer_mode, cuda_api=cuda_api):
+    with torch.inference_mode(), placement, BlockStreamer(model, device, blocks_on_device, should_stop=streamer_stop,
+                                                          mode=streamer_mode, cuda_api=cuda_api, kept=kept):
         for i in range(steps):
             if should_stop():
                 raise SamplingInterrupted(f"interrupted before step {i + 1}/{steps}")
-            x = latents.to(dtype)
-            sigma = sigmas[i]
-            if not guided:
-                v = velocity(x, sigma, pos)
-            elif both is not None:
-                v_cond, v_uncond = velocity(torch.cat([x, x]), sigma, both).chunk(2)
-                v = guidance(v_cond, v_uncond, cfg)
-            else:
-                v = guidance(velocity(x, sigma, pos), velocity(x, sigma, neg), cfg)
+            v = run.reuse(i, latents)  # None: call the DiT (a skipped step calls nothing, streams nothing)
+            if v is None:
+                x = latents.to(dtype)
+                sigma = sigmas[i]
+                if not guided:
+                    v = velocity(x, sigma, pos)
+                elif both is not None:
+                    v_cond, v_uncond = velocity(torch.cat([x, x]), sigma, both).chunk(2)
+                    v = guidance(v_cond, v_uncond, cfg)
+                else:
+                    v = guidance(velocity(x, sigma, pos), velocity(x, sigma, neg), cfg)
+                run.computed(i, latents, v, calls_per_step)
             latents = euler_step(latents, v, sigmas, i)
             if not bool(torch.isfinite(latents).all()):  # one reduction per step
                 bad = count_non_finite(latents)

@@ -112,6 +112,24 @@ def test_cpu_tiny_run_has_the_rows_of_each_check(tiny_run):
     assert env["fp8 matmul (_scaled_mm)"]["values"]["supported"] is cpu_fp8_matmul()
 
 
+def test_cpu_tiny_run_compiles_one_block_graph_per_compiled_row(tiny_run):
+    from tests.capabilities import require_inductor
+
+    require_inductor()  # without a C++ compiler the rows are "warn: compile failed", which the run allows
+    _, _, report, _, _ = tiny_run
+    compute = rows_of(report, "compute")
+    bf16 = compute["block 96 tok: compiled bf16"]
+    assert bf16["status"] == "ok" and bf16["values"]["graphs"] == 1 and bf16["values"]["fallback"] is None
+    assert 0 < bf16["values"]["error"] <= lib.COMPILE_BOUNDS["bf16"]
+    matmul = compute["block 96 tok: compiled fp8 matmul"]
+    if cpu_fp8_matmul():
+        assert matmul["status"] == "ok" and matmul["values"]["graphs"] == 1
+        assert 1e-4 < matmul["values"]["error"] <= lib.COMPILE_BOUNDS["fp8 matmul"]
+    else:
+        assert matmul["status"] == "skip"
+    assert "block 192 tok: compiled bf16" not in compute             # the first size only: rows stay cheap
+
+
 def test_tiny_settings_are_restored_after_a_run(tiny_run):
     """The tiny run cuts fp8's quantisation chunk and the CPU threads; both come back afterwards."""
     before, after = tiny_run[4]

@@ -98,8 +98,9 @@ class ComfyServer:
     """``main.py --cpu`` on 127.0.0.1:``port`` with ``base`` as its base directory."""
 
     def __init__(self, comfyui_dir: Path, base: Path, python: str = sys.executable, port: Optional[int] = None,
-                 extra_args: tuple = ()):
+                 extra_args: tuple = (), env: Optional[dict] = None):
         self.comfyui_dir = Path(comfyui_dir)
+        self.env = dict(env or {})  # set in the server's environment on top of this process's
         self.base = Path(base)
         self.python = python
         self.port = port or free_port()
@@ -121,6 +122,7 @@ class ComfyServer:
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("STEPVIDEO_MODELS_DIR", None)  # only the temporary models folder counts
+        env.update(self.env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), cwd=self.comfyui_dir, stdout=log,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)

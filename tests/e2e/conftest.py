@@ -77,7 +77,9 @@ def comfy_server(comfyui_dir, tmp_path_factory):
     release, _ = cached_tiny_release()
     base = make_base_dir(tmp_path_factory.mktemp("comfy-base"), release)
     extra = shlex.split(os.environ.get("STEPVIDEO_E2E_COMFY_ARGS", ""))
-    server = ComfyServer(comfyui_dir, base, python=python, extra_args=extra).start()
+    # GPU workers (the sampler's gpus > 1, CPU worker processes here): a hung collective fails in 2 minutes
+    env = {"STEPVIDEO_PARALLEL_TIMEOUT": os.environ.get("STEPVIDEO_PARALLEL_TIMEOUT", "120")}
+    server = ComfyServer(comfyui_dir, base, python=python, extra_args=extra, env=env).start()
     try:
         yield server
     finally:
