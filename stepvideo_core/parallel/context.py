@@ -12,7 +12,7 @@ collective), after ``torch.distributed.init_process_group``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist

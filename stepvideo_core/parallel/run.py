@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from .context import ParallelContext
+from .jobs import DEFAULT_TIMEOUT_S, ENV_TIMEOUT  # seconds a collective may wait for a lost rank
 from .layout import ParallelLayout
-
-TIMEOUT_ENV = "STEPVIDEO_PARALLEL_TIMEOUT"  # seconds a collective may wait for a lost rank (default 600)
 
 
 def world_size() -> int:
@@ -57,7 +56,7 @@ def join(mode: str, heads: int, guided: bool, device: Optional[str] = None) -> O
     if compute.type == "cuda":
         torch.cuda.set_device(compute)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+        timeout = datetime.timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)))
         dist.init_process_group(backend_for(compute), timeout=timeout)
     return ParallelContext.create(layout, compute)
 

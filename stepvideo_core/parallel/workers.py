@@ -35,175 +35,47 @@ Failures, and why each is bounded:
 Only one pool can hold the process's default process group at a time.
 """
 
+
 from __future__ import annotations
 
 import atexit
 import dataclasses
 import datetime
-import gc
-import importlib
-import io
 import logging
 import operator
 import os
-import pickle
 import queue
 import socket
 import sys
 import threading
 import time
-import traceback
 import types
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from ..offload.streamer import SamplingInterrupted
-from .context import ParallelContext
+from .jobs import (CORE_NAME, ENV_START_TIMEOUT, ENV_TIMEOUT, PACK_ROOT, LoadSettings,  # noqa: F401 - re-exported:
+                   PoolSettings, RankRun, SampleJob, WorkerDied, WorkerError, WorkerStartError,  # callers import
+                   WorkerTimeout, _ModuleByName, dumps)  # the settings, jobs and errors from here
 from .layout import ParallelLayout
+from .worker import _loopback_env, fingerprint, worker_main  # noqa: F401 - worker_main: the spawn target
 
 log = logging.getLogger("StepVideo")
 
-ENV_TIMEOUT = "STEPVIDEO_PARALLEL_TIMEOUT"
-ENV_START_TIMEOUT = "STEPVIDEO_PARALLEL_START_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_START_TIMEOUT_S = 1800.0
 
-# What the workers import this module as: the pack's root on sys.path, "stepvideo_core" top-level.
-# Inside ComfyUI the pack is imported under a mangled package name, which a spawned interpreter
-# cannot import; pickles for the workers name "stepvideo_core" instead (see _Pickler).
-CORE_NAME = "stepvideo_core"
-_RUNTIME_CORE = __name__.rsplit(".parallel.workers", 1)[0]
-PACK_ROOT = Path(__file__).resolve().parents[2]
-
-
-class WorkerError(RuntimeError):
-    """A GPU worker failed during a run (its exception's message follows); the pool was torn down."""
-
-
-class WorkerDied(WorkerError):
-    """A GPU worker process exited during a run; the pool was torn down."""
-
-
-class WorkerTimeout(WorkerError):
-    """The ranks did not meet within the collective timeout; the pool was torn down."""
-
-
-class WorkerStartError(WorkerError):
-    """The workers could not be started (a worker failed to load the model, died or was too slow)."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def _seconds(env: Mapping, name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or not str(raw).strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"${name} must be a positive number of seconds, got {raw!r}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolSettings:
-    """Timeouts of a :class:`WorkerPool` (seconds).
-
-    * ``collective_timeout_s``: the process group's timeout: the longest any rank waits for the others
-      in one collective (and rank 0 waits for the workers' replies after finishing a run);
-      ``$STEPVIDEO_PARALLEL_TIMEOUT``.
-    * ``start_timeout_s``: how long the workers may take to start and load the DiT;
-      ``$STEPVIDEO_PARALLEL_START_TIMEOUT``.
-    * ``settle_timeout_s``: after rank 0 left a run early (interrupt, error), how long it waits for
-      the workers' replies before tearing them down.
-    * ``shutdown_timeout_s``: how long a clean shutdown waits for a worker to exit before killing it.
-    * ``poll_s``: how often rank 0 looks for dead workers and replies while it waits.
-    """
-
-    collective_timeout_s: float = DEFAULT_TIMEOUT_S
-    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
-    settle_timeout_s: float = 30.0
-    shutdown_timeout_s: float = 20.0
-    poll_s: float = 0.05
-
-    @classmethod
-    def from_env(cls, env: Optional[Mapping] = None, **overrides) -> "PoolSettings":
-        """The settings with the timeouts of ``env`` (default ``os.environ``), then ``overrides``."""
-        env = os.environ if env is None else env
-        values = dict(collective_timeout_s=_seconds(env, ENV_TIMEOUT, DEFAULT_TIMEOUT_S),
-                      start_timeout_s=_seconds(env, ENV_START_TIMEOUT, DEFAULT_START_TIMEOUT_S))
-        values.update(overrides)
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadSettings:
-    """How every worker loads the DiT (:func:`~stepvideo_core.dit.loader.load_transformer`), as the host did.
-
-    ``weights_on`` "cpu": the weights rest in the worker's RAM and the sampler moves (or streams)
-    them to its device per run, as the host's; "device": loaded straight onto the worker's device.
-    """
-
-    dtype: torch.dtype = torch.float32
-    weight_format: str = "auto"
-    attention: str = "sdpa"
-    weights_on: str = "cpu"
-
-    def __post_init__(self):
-        if self.weights_on not in ("cpu", "device"):
-            raise ValueError(f"weights_on must be 'cpu' or 'device', got {self.weights_on!r}")
-
-
-# --------------------------------------------------------------------------- pickles for the workers
-
-
-class _ModuleByName:
-    """Pickles as "import this module" (by its name in a worker)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __reduce__(self):
-        return importlib.import_module, (self.name,)
-
-
-def _worker_name(module: str) -> str:
-    if module == _RUNTIME_CORE or module.startswith(_RUNTIME_CORE + "."):
-        return CORE_NAME + module[len(_RUNTIME_CORE):]
-    return module
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles the pack's classes and functions under the names a worker imports them by."""
-
-    def reducer_override(self, obj):
-        if _RUNTIME_CORE != CORE_NAME and isinstance(obj, (type, types.FunctionType)):
-            module = getattr(obj, "__module__", None) or ""
-            if _worker_name(module) != module:
-                return operator.attrgetter(obj.__qualname__), (_ModuleByName(_worker_name(module)),)
-        return NotImplemented
-
-
-def dumps(obj) -> bytes:
-    """``obj`` pickled for a worker (tensors by value, the pack's types by their worker-side names)."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buffer.getvalue()
+# --------------------------------------------------------------------------- starting workers
 
 
 class _WorkerEntry:
     """The workers' process target: :func:`worker_main`, resolved by its worker-side module name."""
 
     def __reduce__(self):
-        return operator.attrgetter("worker_main"), (_ModuleByName(CORE_NAME + ".parallel.workers"),)
+        return operator.attrgetter("worker_main"), (_ModuleByName(CORE_NAME + ".parallel.worker"),)
 
     def __call__(self, *args):  # only ever called after unpickling, in a worker
         return worker_main(*args)
@@ -234,214 +106,6 @@ def _spawning():
             try:
                 sys.path.remove(root)
             except ValueError:
-                pass
-
-
-# --------------------------------------------------------------------------- what a rank runs
-
-
-@dataclasses.dataclass
-class RankRun:
-    """What a job sees on one rank: the rank's model, device, callbacks and parallel contexts.
-
-    Rank 0 passes the host's callbacks (progress, interrupt poll, CUDA API, stats); workers pass
-    none.  ``wrapped``: the caller already applied the run's LoRA adapters and compile choice around
-    the call (the ComfyUI node does, on rank 0), so the job must not apply them again.  :meth:`context` builds the :class:`~stepvideo_core.parallel.ParallelContext` of a layout
-    once per pool (every rank calls it in the same job order, as ``new_group`` requires).
-    """
-
-    rank: int
-    world: int
-    model: Any
-    device: torch.device
-    on_step: Optional[Callable] = None
-    should_stop: Optional[Callable[[], bool]] = None
-    cuda_api: Any = None
-    stats: Optional[dict] = None
-    contexts: dict = dataclasses.field(default_factory=dict)
-    wrapped: bool = False
-
-    def context(self, layout: ParallelLayout) -> ParallelContext:
-        found = self.contexts.get(layout)
-        if found is None:
-            found = self.contexts[layout] = ParallelContext.create(layout, self.device)
-        return found
-
-
-_SAMPLE_OWN = ("model", "positive", "negative", "device", "on_step", "should_stop", "cuda_api", "stats", "parallel",
-               "kept")
-
-
-@dataclasses.dataclass
-class SampleJob:
-    """One :func:`~stepvideo_core.sampling.sample` call, run by every rank with its own ParallelContext.
-
-    * ``positive`` / ``negative``: the conditioning dicts (CPU tensors; pickled to the workers);
-    * ``options``: the rest of ``sample``'s keyword arguments (size, steps, cfg, shift, seed,
-      ``blocks_on_device``, ``batch_cfg``, ``cache``, ``condition``, ``motion_score``, ...), the same
-      on every rank -- not the model, device or callbacks, which are each rank's own;
-    * ``mode``: the parallel mode ("auto", "ulysses", "cfg"; see :meth:`ParallelLayout.choose`);
-    * ``attention``: the attention backend each rank sets on its model first (None: leave it);
-    * ``adapters``: LoRA entries each rank attaches for the run, and ``compile`` the
-      :func:`~stepvideo_core.compile.compiled_blocks` choice each rank runs its blocks with (not on a
-      rank whose caller wrapped the call in its own, :attr:`RankRun.wrapped`).
-    """
-
-    positive: Mapping
-    negative: Optional[Mapping] = None
-    options: dict = dataclasses.field(default_factory=dict)
-    mode: str = "auto"
-    attention: Optional[str] = None
-    adapters: tuple = ()
-    compile: str = "off"
-
-    def __post_init__(self):
-        own = sorted(set(self.options) & set(_SAMPLE_OWN))
-        if own:
-            raise ValueError(f"SampleJob options must not set {own}: each rank passes its own")
-
-    @property
-    def guided(self) -> bool:
-        return float(self.options.get("cfg", 1.0)) > 1.0
-
-    def layout(self, world: int, heads: int) -> ParallelLayout:
-        """How ``world`` ranks split this run (raises ParallelConfigError for a layout that cannot run)."""
-        return ParallelLayout.choose(self.mode, world, heads, self.guided)
-
-    def run(self, rank: RankRun) -> torch.Tensor:
-        from ..compile import compiled_blocks
-        from ..lora.apply import attached
-        from ..sampling import sampler as core
-
-        model = rank.model
-        ctx = rank.context(self.layout(rank.world, model.config.num_attention_heads))
-        if self.attention is not None:
-            model.attention_backend = self.attention
-        adapters = compiled = nullcontext()
-        if self.adapters and not rank.wrapped:
-            adapters = attached(model, self.adapters, blocks_on_device=self.options.get("blocks_on_device"))
-        if self.compile != "off" and not rank.wrapped:
-            compiled = compiled_blocks(model, self.compile, device=rank.device)
-        common = dict(self.options, device=rank.device, on_step=rank.on_step, cuda_api=rank.cuda_api,
-                      stats=rank.stats)
-        if ctx.layout.cfg > 1:  # each rank computes one half of the batched call: batch 1 per rank
-            common["batch_cfg"] = True
-        with adapters, compiled:
-            return core.sample(model, self.positive, self.negative, parallel=ctx, should_stop=rank.should_stop,
-                               **common)
-
-
-# --------------------------------------------------------------------------- the workers
-
-
-def _loopback_interface() -> Optional[str]:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except (OSError, AttributeError):
-        return None
-    for name in ("lo", "lo0"):
-        if name in names:
-            return name
-    return None
-
-
-def _loopback_env() -> None:
-    """Make gloo and NCCL use the loopback interface (unless the user chose an interface)."""
-    name = _loopback_interface()
-    if name:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
-    # a failed NCCL collective raises in the calling thread instead of tearing the host process down
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-
-
-def _format_exception(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc))}"
-
-
-def fingerprint(result) -> Optional[tuple]:
-    """(shape, sum, sum of |x|) of a tensor result in float64: what a worker reports of its result, so that
-    rank 0 can tell that every rank ended with the same latents (None for anything else)."""
-    if not isinstance(result, torch.Tensor):
-        return None
-    values = result.detach().double()
-    return tuple(result.shape), float(values.sum()), float(values.abs().sum())
-
-
-def _wait_message(jobs, parent) -> tuple:
-    """The next message for this worker; ("stop",) when the host is gone."""
-    while True:
-        try:
-            return jobs.get(timeout=1.0)
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                return ("stop",)
-
-
-def worker_main(rank: int, world: int, port: int, backend: str, device: str, source: str, blob: bytes,
-                jobs, replies) -> None:
-    """A worker's life: load the DiT, join the process group, run jobs until told to stop.
-
-    Replies ``(kind, rank, job_id, payload)`` on ``replies``: "ready" (pid, device, load time) once the
-    model is loaded, then per job "done", "interrupted" (the ranks agreed to stop; the worker waits
-    for the next job) or "error" (the formatted exception; the worker then exits with code 1, which
-    makes the other ranks' collectives fail instead of wait).
-    """
-    import multiprocessing
-
-    logging.basicConfig(level=logging.INFO, format=f"[StepVideo worker {rank}] %(levelname)s %(message)s")
-    parent = multiprocessing.parent_process()
-    job_id = None
-    try:
-        load, settings, threads = pickle.loads(blob)
-        device = torch.device(device)
-        if threads:
-            torch.set_num_threads(threads)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        from ..dit.loader import load_transformer
-
-        start = time.perf_counter()
-        home = device if load.weights_on == "device" else torch.device("cpu")
-        model = load_transformer(source, dtype=load.dtype, device=home, attention=load.attention,
-                                 weight_format=load.weight_format)
-        seconds = time.perf_counter() - start
-        log.info("loaded %s onto %s in %.1f s (pid %d)", source, home, seconds, os.getpid())
-        replies.put(("ready", rank, None, {"pid": os.getpid(), "device": str(device), "seconds": seconds}))
-        message = _wait_message(jobs, parent)
-        if message[0] != "join":
-            return
-        timeout = datetime.timedelta(seconds=settings.collective_timeout_s)
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-        dist.all_reduce(torch.zeros(1))  # every rank is in (rank 0 waits for this before it returns from start)
-        contexts: dict = {}
-        while True:
-            message = _wait_message(jobs, parent)
-            if message[0] != "run":
-                break
-            _, job_id, job_blob = message
-            job = pickle.loads(job_blob)
-            try:
-                result = job.run(RankRun(rank, world, model, device, contexts=contexts))
-            except SamplingInterrupted:
-                replies.put(("interrupted", rank, job_id, None))
-            else:
-                replies.put(("done", rank, job_id, fingerprint(result)))
-                del result
-            job_id = None
-            del job
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then this process ends
-        replies.put(("error", rank, job_id, _format_exception(exc)))
-        raise SystemExit(1)
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - exiting anyway
                 pass
 
 
