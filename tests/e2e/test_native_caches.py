@@ -10,25 +10,11 @@ import pytest
 import torch
 
 from tests.e2e.test_native_parity import custom_advanced, native_cond
-from tests.e2e.test_native_support import CallCounter, extras, native, native_dit, prompts, rel, setup_comfy
+from tests.e2e.test_native_support import CallCounter, extras, native_dit, prompts, rel
+from tests.e2e.test_native_support import comfy, nat, custom  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_importable):
-    return setup_comfy(comfyui_importable)
-
-
-@pytest.fixture(scope="module")
-def nat(pack, comfy):
-    return native(pack)
-
-
-@pytest.fixture(scope="module")
-def custom(comfyui_importable, comfy):
-    return extras(comfyui_importable, "nodes_custom_sampler")
 
 
 @pytest.fixture(scope="module")

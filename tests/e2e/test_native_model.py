@@ -10,19 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.e2e.test_native_support import CallCounter, core_dit, native, native_dit, prompts, rel, setup_comfy
+from tests.e2e.test_native_support import CallCounter, core_dit, native_dit, prompts, rel
+from tests.e2e.test_native_support import comfy, nat  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_importable):
-    return setup_comfy(comfyui_importable)
-
-
-@pytest.fixture(scope="module")
-def nat(pack, comfy):
-    return native(pack)
 
 
 @pytest.fixture

@@ -15,17 +15,12 @@ import pytest
 import torch
 
 from tests.conftest import import_pack
-from tests.e2e.test_native_support import setup_comfy
 from tests.factory import write_tiny_dit, write_tiny_text_encoders
 from tests.nodes.test_pack import check_input
+from tests.e2e.test_native_support import comfy  # noqa: F401 - fixtures
 
 NATIVE_IDS = {"StepVideoNativeModelLoader", "StepVideoNativeTextEncode", "StepVideoNativeConditioning",
               "StepVideoEmptyLatent", "StepVideoScheduler", "StepVideoNoise", "StepVideoNativeImageToVideo"}
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_importable):
-    return setup_comfy(comfyui_importable)
 
 
 @pytest.fixture(scope="module")

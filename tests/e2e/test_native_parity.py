@@ -14,31 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e.test_native_support import (SIZE, CallCounter, comfy_nodes, core_dit, extras, native, native_dit,
-                                           prompts, rel, setup_comfy)
+from tests.e2e.test_native_support import SIZE, CallCounter, core_dit, extras, native_dit, prompts, rel
+from tests.e2e.test_native_support import comfy, nat, custom, cnodes  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "stepvideo_scheduler.safetensors"
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_importable):
-    return setup_comfy(comfyui_importable)
-
-
-@pytest.fixture(scope="module")
-def nat(pack, comfy):
-    return native(pack)
-
-
-@pytest.fixture(scope="module")
-def custom(comfyui_importable, comfy):
-    return extras(comfyui_importable, "nodes_custom_sampler")
-
-
-@pytest.fixture(scope="module")
-def cnodes(comfyui_importable, comfy):
-    return comfy_nodes(comfyui_importable)
 
 
 def native_cond(nat, cond):

@@ -15,6 +15,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.core.sampling.conftest import conditioning
@@ -125,3 +126,30 @@ class CallCounter:
     def remove(self):
         for handle in self._handles:
             handle.remove()
+
+
+# --------------------------------------------------------------------------- fixtures the native test modules import
+
+
+@pytest.fixture(scope="module")
+def comfy(comfyui_importable):
+    """ComfyUI's modules in this process (:func:`setup_comfy`)."""
+    return setup_comfy(comfyui_importable)
+
+
+@pytest.fixture(scope="module")
+def nat(pack, comfy):
+    """The pack's native modules (:func:`native`)."""
+    return native(pack)
+
+
+@pytest.fixture(scope="module")
+def custom(comfyui_importable, comfy):
+    """``comfy_extras.nodes_custom_sampler`` (SamplerCustomAdvanced, CFGGuider, KSamplerSelect)."""
+    return extras(comfyui_importable, "nodes_custom_sampler")
+
+
+@pytest.fixture(scope="module")
+def cnodes(comfyui_importable, comfy):
+    """ComfyUI's own ``nodes`` module (:func:`comfy_nodes`)."""
+    return comfy_nodes(comfyui_importable)

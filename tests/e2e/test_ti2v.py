@@ -15,24 +15,10 @@ import pytest
 import torch
 
 from tests.e2e.test_native_parity import custom_advanced
-from tests.e2e.test_native_support import SIZE, core_dit, extras, native, native_dit, prompts, rel, setup_comfy
+from tests.e2e.test_native_support import SIZE, core_dit, native_dit, prompts, rel
+from tests.e2e.test_native_support import comfy, nat, custom  # noqa: F401 - fixtures
 
 MOTION = 5.0
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_importable):
-    return setup_comfy(comfyui_importable)
-
-
-@pytest.fixture(scope="module")
-def nat(pack, comfy):
-    return native(pack)
-
-
-@pytest.fixture(scope="module")
-def custom(comfyui_importable, comfy):
-    return extras(comfyui_importable, "nodes_custom_sampler")
 
 
 def ti2v_config(nat):
