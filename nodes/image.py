@@ -14,7 +14,7 @@ import logging
 from ..stepvideo_core.checks import finite_float
 from ..stepvideo_core.condition import image_condition, image_from_comfy, image_noise_generator
 from ..stepvideo_core.sampling import PRESETS, TI2V_PRESET, check_video_size
-from .sampler import MAX_SEED
+from .sampler import MAX_SEED, video_size_inputs
 from .types import STEPVIDEO_IMAGE_CONDITION, StepVideoImageCondition
 
 log = logging.getLogger("StepVideo")
@@ -30,16 +30,10 @@ def motion_score_input() -> tuple:
                                               "10-20 more motion."})
 
 
-def size_inputs(frames_default: int = TI2V.frames) -> dict:
+def size_inputs() -> dict:
     """width/height/frames widgets of an image-to-video node (the video the condition is made for)."""
-    return {
-        "width": ("INT", {"default": 992, "min": 16, "max": 4096, "step": 16,
-                          "tooltip": "Multiple of 16 (official: 992). The image is resized to cover it and centre-cropped."}),
-        "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16,
-                           "tooltip": "Multiple of 16 (official: 544)."}),
-        "frames": ("INT", {"default": frames_default, "min": 17, "max": 1020, "step": 17,
-                           "tooltip": "Multiple of 17; official TI2V: 102 (about 4 s at 25 fps)."}),
-    }
+    return video_size_inputs(TI2V.frames, "official TI2V: 102 (about 4 s at 25 fps).",
+                             "The image is resized to cover it and centre-cropped.")
 
 
 def encode_first_frame(vae_handle, image, width: int, height: int, frames: int, seed: int):

@@ -25,7 +25,7 @@ from ..stepvideo_core.sampling.noise import initial_noise, latent_shape
 from ..stepvideo_core.sampling.schedule import PRESETS, time_shift
 from . import comfy_bridge as bridge
 from .model import DIT_FOLDER, WEIGHT_CHOICES, StepVideoModelLoader, format_count, resolve_weight_choice
-from .sampler import MAX_SEED, conditioning_dict
+from .sampler import MAX_SEED, conditioning_dict, video_size_inputs
 from .types import STEPVIDEO_CONDITIONING
 
 log = logging.getLogger("StepVideo")
@@ -221,12 +221,7 @@ class StepVideoEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "width": ("INT", {"default": 992, "min": 16, "max": 4096, "step": 16,
-                              "tooltip": "Multiple of 16 (official: 992)."}),
-            "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16,
-                               "tooltip": "Multiple of 16 (official: 544)."}),
-            "frames": ("INT", {"default": 204, "min": 17, "max": 1020, "step": 17,
-                               "tooltip": "Multiple of 17; official: 204 = 8 s at 25 fps."}),
+            **video_size_inputs(),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
         }}
 

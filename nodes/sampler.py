@@ -33,6 +33,23 @@ log = logging.getLogger("StepVideo")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 
 
+def video_size_inputs(frames: int = 204, frames_tip: str = "official: 204 = 8 s at 25 fps.",
+                      width_tip: str = "") -> dict:
+    """The width/height/frames widgets every node sizing a video shares (limits of the VAE's grid).
+
+    ``frames`` is the default length, ``frames_tip`` ends the frames tooltip, ``width_tip`` is added to the
+    width tooltip (what the node does with the size).
+    """
+    return {
+        "width": ("INT", {"default": 992, "min": 16, "max": 4096, "step": 16,
+                          "tooltip": f"Multiple of 16 (official: 992).{' ' + width_tip if width_tip else ''}"}),
+        "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16,
+                           "tooltip": "Multiple of 16 (official: 544)."}),
+        "frames": ("INT", {"default": frames, "min": 17, "max": 1020, "step": 17,
+                           "tooltip": f"Multiple of 17 (every 17 frames are 3 latent frames); {frames_tip}"}),
+    }
+
+
 def conditioning_dict(cond, name: str) -> dict:
     """The DiT inputs of a STEPVIDEO_CONDITIONING value (the text family's dataclass, or a plain dict)."""
     if hasattr(cond, "dit_inputs"):
@@ -182,13 +199,7 @@ class StepVideoSampler:
                     "default": DEFAULT_PRESET,
                     "tooltip": "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
                 }),
-                "width": ("INT", {"default": 992, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Multiple of 16 (official: 992)."}),
-                "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16,
-                                   "tooltip": "Multiple of 16 (official: 544)."}),
-                "frames": ("INT", {"default": 204, "min": 17, "max": 1020, "step": 17,
-                                   "tooltip": "Multiple of 17 (every 17 frames are 3 latent frames); "
-                                              "official: 204 = 8 s at 25 fps."}),
+                **video_size_inputs(),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
                                   "tooltip": "0 = the preset's (50, Turbo 15)."}),
                 "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
