@@ -128,7 +128,7 @@ def linear_rows(tokens, dim, runs):
         ref = x @ w.T
         layer = fp8.ScaledFp8Linear(k, n, bias=False, device="meta")
         layer.quantize_on_load = True
-        layer.take_tensor("weight", w, torch.device("cpu"), None)
+        layer.take_tensor("weight", w, torch.device("cpu"))
         xb, wb = x.bfloat16(), w.bfloat16()
         t_bf16, y_bf16 = timed(lambda: F.linear(xb, wb), runs)
         row = {"layer": name, "bf16 ms": t_bf16 * 1e3, "bf16 err": rel(y_bf16, ref)}
@@ -179,7 +179,7 @@ def model_rows(heads, layers, runs):
         owner = q.get_submodule(owner_name)
         if isinstance(owner, fp8.ScaledFp8Linear) and owner_name.startswith("transformer_blocks.") and leaf == "weight":
             owner.quantize_on_load = True
-            owner.take_tensor(leaf, tensor, torch.device("cpu"), None)
+            owner.take_tensor(leaf, tensor, torch.device("cpu"))
         else:
             setattr(owner, leaf, torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False))
     inputs = smoke_inputs(fp32, frames=3, height=8, width=16)

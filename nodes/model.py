@@ -11,13 +11,14 @@ import torch
 from ..stepvideo_core import load_transformer
 from ..stepvideo_core.attention import BACKENDS, check_backend
 from ..stepvideo_core.compile import MODES as COMPILE_MODES
+from ..stepvideo_core.dtypes import DEFAULT, DTYPES, parse_dtype
 from . import comfy_bridge as bridge
 from .types import STEPVIDEO_MODEL, StepVideoModelHandle
 
 log = logging.getLogger("StepVideo")
 
 DIT_FOLDER = "diffusion_models"
-WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_DTYPES = (DEFAULT, *DTYPES)  # the full-precision choices: "default" (see default_dtype) and every name
 # weight_dtype combo: the full-precision dtypes above, plus scaled fp8 block weights and "auto"
 # (fp8_scaled for pre-quantised files, else "default"). fp8 computes in the "default" dtype.
 WEIGHT_CHOICES = ("auto", *WEIGHT_DTYPES, "fp8_scaled")
@@ -27,17 +28,15 @@ DEFAULT_ATTENTION = "sdpa"
 
 
 def resolve_weight_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """Return the torch dtype for a ``weight_dtype`` combo value.
+    """Return the torch dtype for a full-precision ``weight_dtype`` combo value.
 
-    "default" means bf16 on CUDA (what the official model runs in) and fp32 elsewhere,
-    because CPU bf16 matmuls are slow and less exact.
+    "default" follows the core's rule (:func:`~stepvideo_core.dtypes.default_dtype`: bf16 on
+    CUDA, fp32 elsewhere).  Raises ValueError naming the allowed values for any other choice.
     """
-    if choice not in WEIGHT_DTYPES:
-        raise ValueError(f"StepVideo: unknown weight_dtype {choice!r}; expected one of {list(WEIGHT_DTYPES)}")
-    dtype = WEIGHT_DTYPES[choice]
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return dtype
+    try:
+        return parse_dtype(choice, device, choices=WEIGHT_DTYPES, what="weight_dtype")
+    except ValueError as exc:
+        raise ValueError(f"StepVideo: {exc}") from None
 
 
 def resolve_weight_choice(choice: str, device: torch.device) -> tuple[torch.dtype, str]:

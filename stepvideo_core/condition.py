@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import count_non_finite
-from .sampling.noise import LATENTS_PER_CHUNK, check_video_size
+from .sampling.noise import FRAME_CHUNK, LATENTS_PER_CHUNK, check_video_size
 
 
 class ImageConditionError(ValueError):
@@ -89,7 +89,7 @@ def image_condition(vae, image: torch.Tensor, *, width: int, height: int, frames
     check_image(image)
     crop = resize_and_crop(image, height, width)[None]                    # [1, 3, H, W]
     latent = vae.encode_image(crop, generator=generator, sample=sample).float().cpu()  # [1, 1, z, h, w]
-    latent_frames = frames // 17 * LATENTS_PER_CHUNK
+    latent_frames = frames // FRAME_CHUNK * LATENTS_PER_CHUNK
     condition = torch.zeros((1, latent_frames) + tuple(latent.shape[2:]), dtype=torch.float32)
     condition[:, :1] = latent
     return condition.expand(batch, *condition.shape[1:]).contiguous()

@@ -34,12 +34,12 @@ from . import fp8
 from .checkpoint import CheckpointError, check_keys, read_header
 from .dit.loader import FP8_PREFIX, find_transformer_files, resolve_config
 from .dit.model import build_transformer
+from .dtypes import DTYPES
 
 ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16",
              torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 FROM_ST = {v: k for k, v in ST_DTYPES.items()}
-OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def write_safetensors_streaming(path, entries: Sequence[tuple[str, torch.dtype, tuple]],
@@ -161,7 +161,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="stepvideo-t2v folder, its transformer/ folder, or a bf16 .safetensors file")
     parser.add_argument("dst", help="output .safetensors file")
-    parser.add_argument("--dtype", choices=sorted(OUT_DTYPES), default="bf16",
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                         help="dtype of the tensors that stay unquantised (default bf16, as released)")
     parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -172,7 +172,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             print(f"  {i}/{n} tensors ({name})", flush=True)
 
     try:
-        out = convert_to_fp8(args.src, args.dst, OUT_DTYPES[args.dtype], args.overwrite, report)
+        out = convert_to_fp8(args.src, args.dst, DTYPES[args.dtype], args.overwrite, report)
     except (CheckpointError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -186,10 +186,12 @@ class ScaledFp8Linear(ops.Linear):
         """Declare a ``scale_weight`` of the file's ``shape`` so strict key checks expect it."""
         self.register_buffer("scale_weight", torch.empty(shape, device="meta", dtype=torch.float32))
 
-    def take_tensor(self, leaf: str, tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+    def take_tensor(self, leaf: str, tensor: torch.Tensor, device: torch.device) -> bool:
         """Load hook: store ``tensor`` as this layer's ``leaf`` ("weight"/"scale_weight") in fp8 form.
 
-        Returns False to let the generic loader handle it (biases, plain layers).
+        Returns True when this layer stored it, False to let the generic loader handle it
+        (biases; full-precision weights of a layer not marked ``quantize_on_load``).  No dtype
+        is taken: a weight is kept in fp8 and a scale in float32 whatever the model's dtype.
         """
         if leaf == "scale_weight":
             self.register_buffer("scale_weight", normalize_scale(tensor, self.out_features).to(device))
@@ -336,7 +338,7 @@ def make_take_hook(model: torch.nn.Module, device, source: str = "") -> Callable
         if isinstance(owner, ScaledFp8Linear):
             if leaf == "scale_weight":
                 check_scales(tensor, where + name)
-            return owner.take_tensor(leaf, tensor, device, None)
+            return owner.take_tensor(leaf, tensor, device)
         return False
     return take
 

@@ -42,7 +42,6 @@ _SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_
                  "patch_size", "caption_channels", "norm_elementwise_affine")
 # Only Step-Video-TI2V has these (its AdaLN-single embeds the motion score).
 MOTION_SCORE_PREFIX = "adaln_single.emb.motion_score_embedder."
-MOTION_SCORE_KEYS = tuple(f"{MOTION_SCORE_PREFIX}linear_{i}.{leaf}" for i in (1, 2) for leaf in ("weight", "bias"))
 
 
 class VariantMismatchWarning(UserWarning):
@@ -54,7 +53,7 @@ def find_transformer_files(path: PathLike) -> tuple[TensorIndex, Optional[Path]]
     path = Path(path).expanduser()
     if path.is_file():
         config = path.parent / "config.json"
-        return open_files([path]), None if not config.is_file() else _config_if_matching(config, path)
+        return open_files([path]), None if not config.is_file() else _config_if_dit(config)
     if not path.is_dir():
         raise CheckpointError(f"no such file or folder: {path}")
     if (path / "transformer").is_dir():
@@ -75,8 +74,12 @@ def find_transformer_files(path: PathLike) -> tuple[TensorIndex, Optional[Path]]
         f"found {found}")
 
 
-def _config_if_matching(config: Path, weights: Path) -> Optional[Path]:
-    """A config.json next to a single file is used only when it is a DiT config (else ignored)."""
+def _config_if_dit(config: Path) -> Optional[Path]:
+    """Return ``config`` when it is a DiT config.json (``_class_name`` StepVideoModel), else None.
+
+    A single .safetensors file may sit in a folder whose config.json belongs to something
+    else (a VAE, a text encoder); such a config is ignored rather than applied to the DiT.
+    """
     try:
         data = json.loads(config.read_text())
     except ValueError:

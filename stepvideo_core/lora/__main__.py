@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from ..dtypes import DTYPES
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

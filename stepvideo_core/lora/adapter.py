@@ -14,7 +14,7 @@ inside a fused projection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -138,72 +138,145 @@ def format_blocks(blocks) -> str:
 
 
 def _shape_error(key: str, found, target: Target, expected) -> str:
+    """The mismatch message for stored tensor ``key``: its shape, the target, and the shape that fits."""
     return (f"{key}: shape {list(found)} does not fit {target.describe()}, which expects {list(expected)}")
 
 
+PAIR_KINDS = ("down", "up", "alpha")  # the stored tensors of one LoRA pair
+LORA_LAYERS = (nn.Linear, nn.Conv2d)  # layers a low-rank pair can change
+BIASED_LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm)  # layers a bias difference can change
+
+
+@dataclass
+class _Binding:
+    """What binding an adapter has found so far, group by group.
+
+    ``patches`` and the ``matched`` keys they use; ``unmatched`` (key, reason) pairs left
+    out of the adapter (reported); ``mismatches`` shape errors (any one refuses the file).
+    """
+
+    unmatched: list
+    patches: list = field(default_factory=list)
+    matched: list = field(default_factory=list)
+    mismatches: list = field(default_factory=list)
+
+    def use(self, patch: Patch) -> None:
+        """Keep ``patch`` and count its stored keys as matched."""
+        self.patches.append(patch)
+        self.matched.extend(patch.keys)
+
+    def skip(self, keys, reason: str) -> None:
+        """Leave the stored ``keys`` out of the adapter, each reported with ``reason``."""
+        self.unmatched.extend((key, reason) for key in keys)
+
+
+def _lora_scale(group: KeyGroup, adapter: AdapterFile, rank: int) -> float:
+    """``alpha / rank`` of a pair: alpha stored with it, else from the PEFT config; 1.0 without any alpha."""
+    keys = group.keys
+    if "alpha" in keys:
+        alpha = tensor_scalar(adapter.tensors[keys["alpha"]])
+    else:
+        alpha = peft_alpha(adapter.config, group.name, rank)
+    return 1.0 if alpha is None else alpha / rank
+
+
+def _pair_shape_error(keys: dict, down: torch.Tensor, up: torch.Tensor, target: Target,
+                      shape: tuple) -> Optional[str]:
+    """The error for the first of ``down``/``up`` whose shape does not fit a target region ``shape``; None if both fit.
+
+    ``down`` must be [rank, *shape[1:]] and ``up`` [shape[0], rank, 1, ...] (1s for conv kernels).
+    """
+    rank = down.shape[0]
+    want_down = (rank,) + shape[1:]
+    want_up = (shape[0], rank) + (1,) * (len(shape) - 2)
+    if tuple(down.shape) != want_down:
+        return _shape_error(keys["down"], down.shape, target, want_down)
+    if tuple(up.shape) != want_up:
+        return _shape_error(keys["up"], up.shape, target, want_up)
+    return None
+
+
+def _bind_pair(group: KeyGroup, adapter: AdapterFile, target: Target, module: nn.Module, model: nn.Module,
+               found: _Binding) -> bool:
+    """Bind the LoRA pair (down, up and maybe alpha) of ``group`` to ``target`` as a low-rank patch.
+
+    A half pair, or a pair on anything but a Linear/Conv weight, is left unmatched; a shape
+    that does not fit is a mismatch.  Returns False only for an empty (rank 0) pair: the
+    file is refused for it, and the group's other tensors are not checked.
+    """
+    keys = group.keys
+    stored = tuple(keys[k] for k in PAIR_KINDS if k in keys)
+    if not ("down" in keys and "up" in keys):
+        have = "down (lora_A/lora_down)" if "down" in keys else "up (lora_B/lora_up)"
+        found.skip(stored, f"only the {have} half of a LoRA pair")
+        return True
+    if target.leaf != "weight" or not isinstance(module, LORA_LAYERS):
+        found.skip(stored, f"LoRA on {target.describe()}, which is not a Linear/Conv layer")
+        return True
+    down, up = adapter.tensors[keys["down"]], adapter.tensors[keys["up"]]
+    rank = down.shape[0]
+    if rank == 0:
+        found.mismatches.append(f"{keys['down']}: rank 0 (an empty LoRA pair)")
+        return False
+    error = _pair_shape_error(keys, down, up, target, target_shape(model, target))
+    if error:
+        found.mismatches.append(error)
+    else:
+        found.use(Patch(target, "lowrank", stored, down=down, up=up, scale=_lora_scale(group, adapter, rank)))
+    return True
+
+
+def _bind_diff(key: str, diff: torch.Tensor, target: Target, model: nn.Module, found: _Binding) -> None:
+    """Bind a full difference (``<module>.diff``) to ``target``, or record its shape mismatch."""
+    shape = target_shape(model, target)
+    if tuple(diff.shape) != shape:
+        found.mismatches.append(_shape_error(key, diff.shape, target, shape))
+    else:
+        found.use(Patch(target, "diff", (key,), diff=diff))
+
+
+def _bind_bias_diff(key: str, diff_b: torch.Tensor, target: Target, module: nn.Module, model: nn.Module,
+                    found: _Binding) -> None:
+    """Bind a bias difference (``<module>.diff_b``) to the bias of ``target``'s layer.
+
+    Left unmatched when that layer has no bias (not a Linear/Conv/LayerNorm weight, or a
+    LayerNorm without one); a length other than the layer's rows is a mismatch.
+    """
+    no_bias = f"bias difference for {target.describe()}, which has no bias"
+    if target.leaf != "weight" or not isinstance(module, BIASED_LAYERS):
+        found.skip((key,), no_bias)
+        return
+    rows = target_shape(model, target)[0]
+    if tuple(diff_b.shape) != (rows,):
+        found.mismatches.append(_shape_error(key, diff_b.shape, target, (rows,)))
+    elif isinstance(module, nn.LayerNorm) and module.bias is None:
+        found.skip((key,), no_bias)
+    else:
+        found.use(Patch(Target(target.module, "bias", target.slot), "bias", (key,), diff=diff_b))
+
+
 def _bind_group(group: KeyGroup, adapter: AdapterFile, table: TargetTable, model: nn.Module,
-                patches: list, matched: list, unmatched: list, mismatches: list) -> None:
-    """Turn one trainer module's tensors into patches (or unmatched entries / shape mismatches)."""
+                found: _Binding) -> None:
+    """Turn one trainer module's tensors into patches, unmatched entries or shape mismatches in ``found``.
+
+    Steps: resolve the module name to a target (else every tensor is unmatched), then bind
+    its LoRA pair, its full difference and its bias difference, each on its own.
+    """
     keys = group.keys
     target, reason = table.lookup(group.name, group.underscored)
     if target is None:
-        unmatched.extend((k, reason) for k in keys.values())
+        found.skip(keys.values(), reason)
         return
     module = resolve_module(model, target)
-    tensors = adapter.tensors
     if "down" in keys or "up" in keys:
-        if not ("down" in keys and "up" in keys):
-            have = "down (lora_A/lora_down)" if "down" in keys else "up (lora_B/lora_up)"
-            unmatched.extend((keys[k], f"only the {have} half of a LoRA pair")
-                             for k in ("down", "up", "alpha") if k in keys)
-        elif target.leaf != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            unmatched.extend((keys[k], f"LoRA on {target.describe()}, which is not a Linear/Conv layer")
-                             for k in ("down", "up", "alpha") if k in keys)
-        else:
-            down, up = tensors[keys["down"]], tensors[keys["up"]]
-            shape = target_shape(model, target)
-            rank = down.shape[0]
-            if rank == 0:
-                mismatches.append(f"{keys['down']}: rank 0 (an empty LoRA pair)")
-                return
-            want_down = (rank,) + shape[1:]
-            want_up = (shape[0], rank) + (1,) * (len(shape) - 2)
-            if tuple(down.shape) != want_down:
-                mismatches.append(_shape_error(keys["down"], down.shape, target, want_down))
-            elif tuple(up.shape) != want_up:
-                mismatches.append(_shape_error(keys["up"], up.shape, target, want_up))
-            else:
-                if "alpha" in keys:
-                    alpha = tensor_scalar(tensors[keys["alpha"]])
-                else:
-                    alpha = peft_alpha(adapter.config, group.name, rank)
-                scale = 1.0 if alpha is None else alpha / rank
-                used = tuple(keys[k] for k in ("down", "up", "alpha") if k in keys)
-                patches.append(Patch(target, "lowrank", used, down=down, up=up, scale=scale))
-                matched.extend(used)
+        if not _bind_pair(group, adapter, target, module, model, found):
+            return
     elif "alpha" in keys:
-        unmatched.append((keys["alpha"], "alpha without lora_down/lora_up"))
+        found.skip((keys["alpha"],), "alpha without lora_down/lora_up")
     if "diff" in keys:
-        diff = tensors[keys["diff"]]
-        shape = target_shape(model, target)
-        if tuple(diff.shape) != shape:
-            mismatches.append(_shape_error(keys["diff"], diff.shape, target, shape))
-        else:
-            patches.append(Patch(target, "diff", (keys["diff"],), diff=diff))
-            matched.append(keys["diff"])
+        _bind_diff(keys["diff"], adapter.tensors[keys["diff"]], target, model, found)
     if "diff_b" in keys:
-        diff_b = tensors[keys["diff_b"]]
-        rows = target_shape(model, target)[0] if target.leaf == "weight" else None
-        if target.leaf != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
-            unmatched.append((keys["diff_b"], f"bias difference for {target.describe()}, which has no bias"))
-        elif tuple(diff_b.shape) != (rows,):
-            mismatches.append(_shape_error(keys["diff_b"], diff_b.shape, target, (rows,)))
-        elif isinstance(module, nn.LayerNorm) and module.bias is None:
-            unmatched.append((keys["diff_b"], f"bias difference for {target.describe()}, which has no bias"))
-        else:
-            bias_target = Target(target.module, "bias", target.slot)
-            patches.append(Patch(bias_target, "bias", (keys["diff_b"],), diff=diff_b))
-            matched.append(keys["diff_b"])
+        _bind_bias_diff(keys["diff_b"], adapter.tensors[keys["diff_b"]], target, module, model, found)
 
 
 def bind_adapter(adapter: AdapterFile, model: nn.Module, name: Optional[str] = None) -> LoraAdapter:
@@ -213,10 +286,10 @@ def bind_adapter(adapter: AdapterFile, model: nn.Module, name: Optional[str] = N
     or when nothing matches (with a guess of what the file is for).
     """
     table = TargetTable(model)
-    patches, matched, mismatches = [], [], []
-    unmatched = [(k, f"unsupported: {why}") for k, why in adapter.unsupported] + list(adapter.unknown)
+    found = _Binding(unmatched=[(k, f"unsupported: {why}") for k, why in adapter.unsupported] + list(adapter.unknown))
     for group in adapter.groups.values():
-        _bind_group(group, adapter, table, model, patches, matched, unmatched, mismatches)
+        _bind_group(group, adapter, table, model, found)
+    patches, matched, unmatched, mismatches = found.patches, found.matched, found.unmatched, found.mismatches
     label = name or adapter.source.name
     if mismatches:
         more = f" (and {len(mismatches) - SHOW} more)" if len(mismatches) > SHOW else ""

@@ -37,6 +37,7 @@ apply a silently wrong update.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -126,37 +127,109 @@ class Target:
         return where if self.slot is None else f"{where} ({self.slot.describe()})"
 
 
+# (accepted spellings, real module, fused projection) of each attention of a block
+ATTENTIONS = ((SELF_ATTENTION, "attn1", "wqkv"), (CROSS_ATTENTION, "attn2", "wkv"))
+
+
+def _split_target(attention: str, fused: str, part: str, head_dim: int) -> Target:
+    """The target of a split ``part`` ("q", "k" or "v") projection of the attention module ``attention``.
+
+    Returns the slot of the fused projection that holds ``part``; a part the fused layer
+    lacks (cross-attention q) is a layer of its own, ``wq``.
+    """
+    parts = FUSED_PARTS[fused]
+    if part not in parts:
+        return Target(f"{attention}.wq")
+    return Target(f"{attention}.{fused}", slot=Slot(part, len(parts), parts.index(part), head_dim))
+
+
+def _attention_aliases(alias: str, attention: str, fused: str, head_dim: int) -> Iterator[tuple[str, Target]]:
+    """(name, target) for the projections of one spelling ``alias`` of the attention module ``attention``.
+
+    Yields the fused projection under its own name, the output projection under every
+    :data:`OUT_NAMES` spelling and each split q/k/v projection under every
+    :data:`SPLIT_NAMES` spelling.
+    """
+    yield f"{alias}.{fused}", Target(f"{attention}.{fused}")
+    for out in OUT_NAMES:
+        yield f"{alias}.{out}", Target(f"{attention}.wo")
+    for part, names in SPLIT_NAMES.items():
+        target = _split_target(attention, fused, part, head_dim)
+        for name in names:
+            yield f"{alias}.{name}", target
+
+
+def _layer_aliases(here: str, base: str, block: nn.Module) -> Iterator[tuple[str, Target]]:
+    """(name, target) for the block's weighted layers other than the attention projections.
+
+    ``here`` is the block as the file spells it, ``base`` its real name.  Layers outside
+    the attention modules keep their own names; the attention q/k norms are accepted
+    under every spelling of their attention module.
+    """
+    spellings = {real: names for names, real, _ in ATTENTIONS}
+    for sub, module in block.named_modules():
+        if "weight" not in module._parameters:
+            continue
+        if not sub.startswith(("attn1.", "attn2.")):
+            yield f"{here}.{sub}", Target(f"{base}.{sub}")
+        elif sub.endswith("_norm"):  # q_norm / k_norm under every attention alias
+            real, norm = sub.split(".")
+            for attn in spellings[real]:
+                yield f"{here}.{attn}.{norm}", Target(f"{base}.{sub}")
+
+
 def _block_aliases(index: int, block: nn.Module) -> Iterator[tuple[str, Target]]:
-    """(alias name relative to the model, target) for the attention/FFN layers of block ``index``."""
+    """(alias name relative to the model, target) for every tensor of block ``index``.
+
+    For each block spelling (:data:`BLOCK_PREFIXES`): the attention projections, the other
+    weighted layers, then the block's own parameters (the modulation table).
+    """
     base = f"transformer_blocks.{index}"
     head_dim = block.attn1.head_dim
     for prefix in BLOCK_PREFIXES:
         here = f"{prefix}.{index}"
-        for attn_names, real, fused in ((SELF_ATTENTION, "attn1", "wqkv"), (CROSS_ATTENTION, "attn2", "wkv")):
-            parts = FUSED_PARTS[fused]
-            for attn in attn_names:
-                at = f"{here}.{attn}"
-                yield f"{at}.{fused}", Target(f"{base}.{real}.{fused}")
-                for out in OUT_NAMES:
-                    yield f"{at}.{out}", Target(f"{base}.{real}.wo")
-                for part, names in SPLIT_NAMES.items():
-                    for name in names:
-                        if part in parts:
-                            slot = Slot(part, len(parts), parts.index(part), head_dim)
-                            yield f"{at}.{name}", Target(f"{base}.{real}.{fused}", slot=slot)
-                        else:  # cross-attention q is its own layer
-                            yield f"{at}.{name}", Target(f"{base}.{real}.wq")
-        for sub, module in block.named_modules():
-            if "weight" not in module._parameters:
-                continue
-            if not sub.startswith(("attn1.", "attn2.")):
-                yield f"{here}.{sub}", Target(f"{base}.{sub}")
-            elif sub.endswith("_norm"):  # q_norm / k_norm under every attention alias
-                real, norm = sub.split(".")
-                for attn in (SELF_ATTENTION if real == "attn1" else CROSS_ATTENTION):
-                    yield f"{here}.{attn}.{norm}", Target(f"{base}.{sub}")
+        for names, real, fused in ATTENTIONS:
+            for attn in names:
+                yield from _attention_aliases(f"{here}.{attn}", f"{base}.{real}", fused, head_dim)
+        yield from _layer_aliases(here, base, block)
         for name, _ in block.named_parameters(recurse=False):
             yield f"{here}.{name}", Target(base, leaf=name)
+
+
+def _outer_targets(model: nn.Module) -> Iterator[tuple[str, Target]]:
+    """(name, target) for every tensor outside the transformer blocks, under its own name.
+
+    A module's weight is named by the module (as LoRA keys name it); its other parameters
+    by ``<module>.<leaf>``, except biases, which change through ``<module>.diff_b``.  The
+    model's own parameters (no module) are named by the leaf alone.
+    """
+    blocks = getattr(model, "transformer_blocks", None)
+    block_ids = {id(b) for b in blocks} if blocks is not None else set()
+    for name, module in model.named_modules():
+        if not name or id(module) in block_ids or name == "transformer_blocks":
+            continue
+        if name.startswith("transformer_blocks."):
+            continue  # block internals come from _block_aliases
+        for leaf, _ in module.named_parameters(recurse=False):
+            if leaf == "weight":
+                yield name, Target(name)
+            elif leaf != "bias":
+                yield f"{name}.{leaf}", Target(name, leaf=leaf)
+    for leaf, _ in model.named_parameters(recurse=False):
+        yield leaf, Target("", leaf=leaf)
+
+
+def _underscore_spellings(dotted: dict) -> dict:
+    """``{kohya underscore spelling: target}`` of the dotted names; None where a spelling is ambiguous.
+
+    Two different targets with one underscore spelling are refused rather than guessed.
+    """
+    underscored: dict[str, Optional[Target]] = {}
+    for name, target in dotted.items():
+        key = name.replace(".", "_")
+        previous = underscored.get(key, target)
+        underscored[key] = target if previous == target else None
+    return underscored
 
 
 class TargetTable:
@@ -164,34 +237,19 @@ class TargetTable:
 
     Built from the model's real module names, so names that contain underscores
     themselves (``adaln_single``, ``linear_1``) resolve correctly from kohya keys.
+    The first target found for a name wins: the tensors outside the blocks, then each
+    block's aliases.
     """
 
     def __init__(self, model: nn.Module):
-        self.dotted: dict[str, Target] = {}
         blocks = getattr(model, "transformer_blocks", None)
-        block_ids = {id(b) for b in blocks} if blocks is not None else set()
         self.num_blocks = len(blocks) if blocks is not None else 0
-        for name, module in model.named_modules():
-            if not name or id(module) in block_ids or name == "transformer_blocks":
-                continue
-            if name.startswith("transformer_blocks."):
-                continue  # block internals come from the alias generator below
-            for leaf, _ in module.named_parameters(recurse=False):
-                if leaf == "weight":
-                    self.dotted.setdefault(name, Target(name))
-                elif leaf != "bias":  # biases change through ``<module>.diff_b``
-                    self.dotted.setdefault(f"{name}.{leaf}", Target(name, leaf=leaf))
-        for leaf, _ in model.named_parameters(recurse=False):
-            self.dotted.setdefault(leaf, Target("", leaf=leaf))
-        for index, block in enumerate(blocks or ()):
-            for alias, target in _block_aliases(index, block):
-                self.dotted.setdefault(alias, target)
-        self.underscored: dict[str, Optional[Target]] = {}
-        for name, target in self.dotted.items():
-            key = name.replace(".", "_")
-            previous = self.underscored.get(key, target)
-            # two different targets with one underscore spelling: ambiguous, refuse rather than guess
-            self.underscored[key] = target if previous == target else None
+        self.dotted: dict[str, Target] = {}
+        found = itertools.chain(_outer_targets(model),
+                                *(_block_aliases(index, block) for index, block in enumerate(blocks or ())))
+        for name, target in found:
+            self.dotted.setdefault(name, target)
+        self.underscored = _underscore_spellings(self.dotted)
 
     def lookup(self, name: str, underscored: bool = False) -> tuple[Optional[Target], str]:
         """(target, "") for an accepted name, else (None, reason) -- reason says why, for the report."""

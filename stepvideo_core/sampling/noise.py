@@ -13,9 +13,8 @@ from typing import Union
 
 import torch
 
-SPATIAL_FACTOR = 16     # pixels per latent cell (VAE v2)
-FRAME_CHUNK = 17        # video frames per VAE chunk
-LATENTS_PER_CHUNK = 3   # latent frames per VAE chunk
+from ..vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR  # noqa: F401  (re-exported)
+
 NOISE_DTYPE = torch.bfloat16  # the dtype the official pipeline's noise has (bf16)
 
 

@@ -12,7 +12,7 @@ Every function here reproduces the official arithmetic operation for operation
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -94,11 +94,6 @@ def resolve_settings(preset: str = DEFAULT_PRESET, steps: Optional[int] = None, 
     if out["cfg"] < 0:
         raise ValueError(f"cfg must not be negative, got {out['cfg']}")
     return out
-
-
-def preset_table() -> list[dict]:
-    """The presets as plain dicts (for UIs and docs)."""
-    return [asdict(p) for p in PRESETS.values()]
 
 
 def time_shift(s: torch.Tensor, shift: float) -> torch.Tensor:

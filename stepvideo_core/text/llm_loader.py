@@ -165,7 +165,7 @@ def load_step_llm(path: PathLike, dtype: Optional[torch.dtype] = torch.bfloat16,
     """Load the Step-LLM from ``path`` (``step_llm/`` or the release root holding it).
 
     Returns the bare encoder in eval mode with weights in ``dtype`` on ``device``:
-    ``llm(input_ids [B, S], attention_mask [B, S]) -> last hidden state [B, S, hidden]``.
+    ``llm(input_ids [B, S]) -> last hidden state [B, S, hidden]`` (no mask: see :class:`.StepLLM`).
     ``alibi=False`` runs plain causal attention instead of the inferred sqrt-ALiBi
     bias (see :mod:`.step_llm`).  Raises CheckpointError naming what is wrong before
     any weight is read when the files do not fit.

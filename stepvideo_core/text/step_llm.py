@@ -185,11 +185,15 @@ class _Layers(nn.Module):
 
 
 class StepLLM(nn.Module):
-    """Step-LLM encoder: ``llm(input_ids [B, S], attention_mask [B, S]) -> last hidden state [B, S, D]``.
+    """Step-LLM encoder: ``llm(input_ids [B, S]) -> last hidden state [B, S, D]``.
 
-    The mask is accepted for API symmetry and, as in the official model, not used:
-    prompts are right-padded and attention is causal, so valid tokens never see
-    pads (pad outputs are masked later, in the DiT's cross-attention).
+    It takes no attention mask, because the official model never applies one: its
+    ``Step1Model.forward`` accepts ``attention_mask``, but the flash-attention path its
+    layers assert calls the kernel with q, k, v and ``causal=True`` only.  Prompts are right-padded and
+    attention is causal, so valid tokens never see pads, and the pad positions' outputs
+    (kept, as the official ones are) are masked later, in the DiT's cross-attention by
+    the tokenizer's mask.  Masking keys here would change those pad outputs and so the
+    parity with the official encoder.
     """
 
     def __init__(self, config: StepLLMConfig, operations=default_ops.plain, device=None, dtype=None,
@@ -213,7 +217,8 @@ class StepLLM(nn.Module):
         """The causal (sqrt-ALiBi unless ``alibi`` is False) bias shared by all layers."""
         return causal_bias(self.config.num_attention_heads, length, self.alibi, device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden state [B, S, D] of ``input_ids`` [B, S] (causal attention, no mask: see the class)."""
         x = self.embed(input_ids)
         bias = self.attention_bias(input_ids.shape[1], x.device)
         for layer in self.layers:

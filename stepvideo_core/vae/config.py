@@ -16,7 +16,7 @@ from typing import Any, Mapping, Tuple
 GROUPS = 32            # every GroupNorm has 32 groups (so every width is a multiple of 32)
 NORM_EPS = 1e-5        # nn.GroupNorm default, used by the official code
 FRAME_CHUNK = 17       # video frames encoded independently
-LATENT_CHUNK = 3       # latent frames decoded independently (17 -> 3 -> 17)
+LATENTS_PER_CHUNK = 3  # latent frames decoded independently (17 -> 3 -> 17)
 SPATIAL_FACTOR = 16    # pixels per latent pixel along H and W
 PATCH = 2              # (un)patchify factor of the v2 space-to-channel layers
 SEAM_KEEP = 0.6        # weight a frame keeps when the seam between two decoded chunks is blended
@@ -144,9 +144,9 @@ def check_latent_shape(shape, z_channels: int) -> None:
         raise ValueError(f"latents must have {z_channels} channels on dim 2 ([B, F, C, h, w]), "
                          f"got shape {list(shape)}{hint}")
     frames = shape[1]
-    if frames % LATENT_CHUNK or frames == 0:
-        raise ValueError(f"the Step-Video VAE decodes chunks of {LATENT_CHUNK} latent frames: got {frames} latent "
-                         f"frames; use {_nearest_multiples(frames, LATENT_CHUNK)}")
+    if frames % LATENTS_PER_CHUNK or frames == 0:
+        raise ValueError(f"the Step-Video VAE decodes chunks of {LATENTS_PER_CHUNK} latent frames: got {frames} latent "
+                         f"frames; use {_nearest_multiples(frames, LATENTS_PER_CHUNK)}")
 
 
 def check_pixels(height: int, width: int) -> None:

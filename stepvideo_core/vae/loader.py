@@ -24,6 +24,7 @@ import torch
 from .. import ops as default_ops
 from ..checkpoint import (SAFETENSORS_SUFFIXES, CheckpointError, PathLike, TensorIndex, identify_checkpoint,
                           load_weights, open_files)
+from ..dtypes import default_dtype
 from .config import VAEConfig, VAEConfigError
 from .model import StepVideoVAE, build_vae
 
@@ -120,16 +121,11 @@ def infer_vae_config(index: TensorIndex) -> VAEConfig:
         raise CheckpointError(f"{index.source}: the tensor shapes give no valid Step-Video VAE v2 ({exc})") from exc
 
 
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
-    """bf16 on CUDA (what the official pipeline runs), fp32 elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def load_vae(path: PathLike, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
              operations=default_ops.plain) -> StepVideoVAE:
     """Load the Step-Video VAE v2 from ``path`` (see module docstring) in eval mode.
 
-    ``dtype`` None: bf16 on CUDA, fp32 on the CPU.  Raises CheckpointError (a
+    ``dtype`` None: :func:`~stepvideo_core.dtypes.default_dtype` (bf16 on CUDA, fp32 on the CPU).  Raises CheckpointError (a
     ValueError) naming what is wrong before reading any weight when the file does not fit.
     """
     dtype = default_dtype(device) if dtype is None else dtype

@@ -21,8 +21,7 @@ from torch import nn
 from .. import ops as default_ops
 from ..checks import NonFiniteError, count_non_finite
 from ..memory import trim_host_heap
-from ..sampling.noise import cpu_standard_normal
-from .config import (FRAME_CHUNK, LATENT_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig, check_pixels,
+from .config import (FRAME_CHUNK, LATENTS_PER_CHUNK, LOGVAR_RANGE, SEAM_KEEP, SPATIAL_FACTOR, VAEConfig, check_pixels,
                      check_latent_shape, check_video_shape)
 from .decoder import VideoDecoder
 from .encoder import VideoEncoder
@@ -156,7 +155,7 @@ class StepVideoVAE(nn.Module):
         batch, frames, _, height, width = video.shape
         chunks = frames // FRAME_CHUNK
         z = self.config.z_channels
-        shape = (batch, chunks * LATENT_CHUNK, z, height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
+        shape = (batch, chunks * LATENTS_PER_CHUNK, z, height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
         out = torch.empty(shape, dtype=self.compute_dtype, device=output_device or self.device)
         noise = self._posterior_noise(shape, generator, out.device) if sample else None
         for i in range(chunks):
@@ -164,12 +163,12 @@ class StepVideoVAE(nn.Module):
             with polled(self.encoder, should_stop, f"VAE encode stopped on request inside chunk {i + 1} of {chunks}"):
                 moments = self.encode_chunk(video[:, i * FRAME_CHUNK:(i + 1) * FRAME_CHUNK]).to(out.device)
             mean, logvar = moments.chunk(2, dim=2)
-            target = out[:, i * LATENT_CHUNK:(i + 1) * LATENT_CHUNK]
+            target = out[:, i * LATENTS_PER_CHUNK:(i + 1) * LATENTS_PER_CHUNK]
             if noise is None:
                 target.copy_(mean)
             else:
                 std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-                target.copy_(mean + std * noise[:, i * LATENT_CHUNK:(i + 1) * LATENT_CHUNK])
+                target.copy_(mean + std * noise[:, i * LATENTS_PER_CHUNK:(i + 1) * LATENTS_PER_CHUNK])
             del moments, mean, logvar
             if out.device.type == "cpu":
                 trim_host_heap()
@@ -184,6 +183,9 @@ class StepVideoVAE(nn.Module):
         the global RNG draws on the VAE's device, as the official encode does.
         """
         if generator is not None and generator.device.type == "cpu":
+            # imported here: sampling.noise takes its size constants from vae.config (the
+            # VAE defines them), so a module-level import would make the two packages circular
+            from ..sampling.noise import cpu_standard_normal
             noise = cpu_standard_normal(shape, generator, torch.float32)
         else:
             noise_device = generator.device if generator is not None else self.device
@@ -223,8 +225,8 @@ class StepVideoVAE(nn.Module):
         attention and per-frame norms then see only their tile).
         """
         check_latent_shape(latents.shape, self.config.z_channels)
-        if latents.shape[1] != LATENT_CHUNK:
-            raise ValueError(f"decode_chunk takes exactly {LATENT_CHUNK} latent frames, got {latents.shape[1]}")
+        if latents.shape[1] != LATENTS_PER_CHUNK:
+            raise ValueError(f"decode_chunk takes exactly {LATENTS_PER_CHUNK} latent frames, got {latents.shape[1]}")
         z = latents.to(device=self.device, dtype=self.compute_dtype).transpose(1, 2)
         h, w = z.shape[-2:]
         if tile is None or (h <= tile and w <= tile):
@@ -273,13 +275,13 @@ class StepVideoVAE(nn.Module):
                                  f"would decode to a black video. Sample them again (in bf16 rather than fp16), "
                                  f"without the adapter or file that produced them.")
         batch, frames, _, h, w = latents.shape
-        chunks = frames // LATENT_CHUNK
+        chunks = frames // LATENTS_PER_CHUNK
         out = torch.empty(batch, chunks * FRAME_CHUNK, self.config.out_channels, h * SPATIAL_FACTOR,
                           w * SPATIAL_FACTOR, dtype=self.compute_dtype, device=output_device or self.device)
         for i in range(chunks):
             _check_stop(should_stop, "decode", i, chunks)
             with polled(self.decoder, should_stop, f"VAE decode stopped on request inside chunk {i + 1} of {chunks}"):
-                part = self.decode_chunk(latents[:, i * LATENT_CHUNK:(i + 1) * LATENT_CHUNK], tile=tile,
+                part = self.decode_chunk(latents[:, i * LATENTS_PER_CHUNK:(i + 1) * LATENTS_PER_CHUNK], tile=tile,
                                          overlap=overlap)
             if not bool(torch.isfinite(part).all()):
                 raise NonFiniteError(f"VAE decode produced NaN/Inf in chunk {i + 1} of {chunks} (from finite "

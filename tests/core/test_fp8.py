@@ -147,8 +147,8 @@ def test_dequantise_mode_layer_computes_with_exactly_that_weight(shape):
     w8, values = hand_made_fp8()
     scale_file = file_scale(shape)
     layer = fp8.ScaledFp8Linear(5, 6, bias=True, device="meta")
-    assert layer.take_tensor("scale_weight", scale_file, torch.device("cpu"), None)
-    assert layer.take_tensor("weight", w8, torch.device("cpu"), None)
+    assert layer.take_tensor("scale_weight", scale_file, torch.device("cpu"))
+    assert layer.take_tensor("weight", w8, torch.device("cpu"))
     bias = torch.linspace(-0.3, 0.7, 6)
     layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
     layer.matmul_mode = "dequantize"
@@ -171,7 +171,7 @@ def make_layer(out_features=48, in_features=64, bias=True, seed=0):
         ref.bias.data = torch.randn(out_features, generator=gen) * 0.1
     layer = fp8.ScaledFp8Linear(in_features, out_features, bias=bias, device="meta")
     layer.quantize_on_load = True
-    assert layer.take_tensor("weight", ref.weight.data, torch.device("cpu"), None)
+    assert layer.take_tensor("weight", ref.weight.data, torch.device("cpu"))
     if bias:
         layer.bias = torch.nn.Parameter(ref.bias.data.clone(), requires_grad=False)
     return ref, layer

@@ -123,7 +123,7 @@ def fp8_layer(mode):
     layer = fp8.ScaledFp8Linear(256, 384, bias=False, device="meta")
     layer.quantize_on_load = True
     layer.take_tensor("weight", torch.randn(384, 256, generator=torch.Generator().manual_seed(0)),
-                      torch.device("cpu"), None)
+                      torch.device("cpu"))
     layer.matmul_mode = mode
     return layer
 

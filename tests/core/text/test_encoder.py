@@ -44,7 +44,7 @@ def test_parts_equal_the_two_models_called_directly(release_root, encoder):
     llm = load_step_llm(release_root, dtype=torch.float32)
     tokens = encoder.tokenizer([EN, MIXED])
     with torch.no_grad():
-        assert torch.equal(out["encoder_hidden_states"], llm(tokens.input_ids, tokens.attention_mask))
+        assert torch.equal(out["encoder_hidden_states"], llm(tokens.input_ids))
     assert torch.equal(out["encoder_hidden_states_2"], load_hunyuan_clip(release_root).encode([EN, MIXED]))
 
 
@@ -55,7 +55,7 @@ def reference_conditioning(encoder, prompts):
     llm, clip = copy.deepcopy(encoder.llm), copy.deepcopy(encoder.clip)
     tokens = encoder.tokenizer(prompts)
     with torch.no_grad():
-        hidden = llm(tokens.input_ids, tokens.attention_mask)
+        hidden = llm(tokens.input_ids)
     clip_out = clip.encode(prompts)
     assert clip_out.dtype == torch.float32  # CLIP computes in fp32 whatever the Step-LLM's dtype
     ones = torch.ones(len(prompts), 77, dtype=torch.long)

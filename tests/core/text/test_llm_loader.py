@@ -33,7 +33,7 @@ def test_loads_the_release_layout_through_the_real_loader(release_root):
     assert len(llm.state_dict()) == 1 + 6 * 2  # 289 = 1 + 6 * 48 at full size
     assert not llm.training and not any(p.requires_grad for p in llm.parameters())
     with torch.no_grad():
-        out = llm(IDS, (IDS != 2).long())
+        out = llm(IDS)
         assert out.shape == (2, 7, 96)
         assert torch.equal(out, reference()(IDS))
 
