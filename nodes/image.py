@@ -15,7 +15,7 @@ from ..stepvideo_core.checks import finite_float
 from ..stepvideo_core.condition import image_condition, image_from_comfy, image_noise_generator
 from ..stepvideo_core.sampling import PRESETS, TI2V_PRESET, check_video_size
 from .sampler import MAX_SEED, video_size_inputs
-from .types import STEPVIDEO_IMAGE_CONDITION, StepVideoImageCondition
+from .types import STEPVIDEO_IMAGE_CONDITION, STEPVIDEO_VAE, StepVideoImageCondition
 
 log = logging.getLogger("StepVideo")
 
@@ -68,7 +68,7 @@ class StepVideoImageToVideo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("STEPVIDEO_VAE", {"tooltip": "From StepVideo VAE Loader (the TI2V release uses the T2V VAE)."}),
+            "vae": (STEPVIDEO_VAE, {"tooltip": "From StepVideo VAE Loader (the TI2V release uses the T2V VAE)."}),
             "image": ("IMAGE", {"tooltip": "The first frame of the video (e.g. from Load Image; a batch uses its "
                                            "first image)."}),
             **size_inputs(),

@@ -48,10 +48,10 @@ from ..stepvideo_core.dit.config import StepVideoDiTConfig
 from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, resolve_weight_format
 from ..stepvideo_core.dit.loader import load_transformer
 from ..stepvideo_core.dit.model import StepVideoTransformer
+from ..stepvideo_core.dtypes import DTYPE_NAMES
 from ..stepvideo_core.layers import RMSNorm, rms_norm
-from ..stepvideo_core.offload.planner import PEAK_UNITS, host_activation_bytes
+from ..stepvideo_core.offload.planner import PEAK_UNITS, PlanInputs, host_activation_bytes
 from ..stepvideo_core.sampling.noise import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
-from ..stepvideo_core.sampling.preview import default_factors
 
 LATENT_CHANNELS = 64
 DEFAULT_SHIFT = 13.0
@@ -64,7 +64,6 @@ MOTION_KEY = "stepvideo_motion_score"    # TI2V: the motion score (a float)
 CLIP_COND = "encoder_hidden_states_2"
 MASK_COND = "encoder_attention_mask"
 MOTION_COND = "motion_score"
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # ComfyUI's flash-attention memory formula is  area * dtype_size * 0.01 * factor  MiB with area = B * F*h*w
 # tokens; the planner counts PEAK_UNITS copies of the hidden states (B * L * D * dtype_size bytes) at a
 # block's peak, so the two agree when factor = PEAK_UNITS * D / (0.01 * 2**20).
@@ -81,7 +80,9 @@ class StepVideoLatentFormat(comfy.latent_formats.LatentFormat):
     becomes 3 latent frames), and what ComfyUI does with the ratio -- rescale an empty latent that was
     sized with another model's ratio (``comfy.sample.fix_empty_latent_channels``) -- gives exactly
     ``frames / 17 * 3`` latent frames with 17/3 and a wrong count with any integer.  No scaling
-    (the official VAE uses none).  Previews use the pack's shipped 64->RGB factors when there are any.
+    (the official VAE uses none).  No ``latent_rgb_factors`` and no TAESD decoder: the pack ships no
+    latent->RGB map (only a fit for the user's VAE means anything, and a latent format has none), so
+    ComfyUI's samplers show progress without preview images whatever the preview method.
     """
 
     latent_channels = LATENT_CHANNELS
@@ -92,10 +93,6 @@ class StepVideoLatentFormat(comfy.latent_formats.LatentFormat):
 
     def __init__(self, channels: int = LATENT_CHANNELS):
         self.latent_channels = int(channels)  # 64 for the release; the tiny test models have fewer
-        factors = default_factors()
-        if factors is not None and tuple(factors.weight.shape) == (self.latent_channels, 3):
-            self.latent_rgb_factors = factors.weight.tolist()        # [C][3], rgb in [-1, 1]
-            self.latent_rgb_factors_bias = factors.bias.tolist()
 
 
 # --------------------------------------------------------------------------- model config
@@ -441,10 +438,10 @@ class StepVideoBaseModel(comfy.model_base.BaseModel):
         cfg = self.model_config
         compute = DTYPE_NAMES.get(self.diffusion_model.compute_dtype, "bf16")
         weight_format = "fp8_scaled" if cfg.weight_format == "fp8_scaled" else compute
-        return host_activation_bytes(int(w) * SPATIAL_FACTOR, int(h) * SPATIAL_FACTOR, chunks * FRAME_CHUNK,
-                                     cfg_batch=batch, weight_format=weight_format,
-                                     attention=self.diffusion_model.attention_backend, compute_dtype=compute,
-                                     config=cfg.dit_config.to_dict())
+        run = PlanInputs(int(w) * SPATIAL_FACTOR, int(h) * SPATIAL_FACTOR, chunks * FRAME_CHUNK, cfg_batch=batch,
+                         weight_format=weight_format, attention=self.diffusion_model.attention_backend,
+                         compute_dtype=compute, config=cfg.dit_config.to_dict())
+        return host_activation_bytes(run)
 
 
 # --------------------------------------------------------------------------- construction

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotation only: the handle type needs no VAE code
+    from ..stepvideo_core.vae import StepVideoVAE
 
 STEPVIDEO_MODEL = "STEPVIDEO_MODEL"
 
@@ -115,3 +119,24 @@ class StepVideoImageCondition:
     height: int
     frames: int
     motion_score: float
+
+
+STEPVIDEO_VAE = "STEPVIDEO_VAE"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepVideoVAEHandle:
+    """What a ``STEPVIDEO_VAE`` socket carries: the loaded VAE and where it computes / rests.
+
+    `vae` is the core :class:`~stepvideo_core.vae.StepVideoVAE` in `dtype`; it computes on `device` and
+    rests on `offload_device`; `source` is the file it was loaded from. `patcher` is ComfyUI's
+    ``ModelPatcher`` of the VAE inside ComfyUI (None elsewhere): ComfyUI's model management loads,
+    accounts for and evicts the VAE through it.
+    """
+
+    vae: StepVideoVAE
+    dtype: torch.dtype
+    device: torch.device
+    offload_device: torch.device
+    source: Path
+    patcher: object = None

@@ -13,23 +13,22 @@ for the call and back to rest afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..stepvideo_core import load_vae
+from ..stepvideo_core.dtypes import DEFAULT, parse_dtype
 from ..stepvideo_core.vae import StepVideoVAE, VAEInterrupted, from_comfy_latent, to_comfy_latent
 from . import comfy_bridge as bridge
+from .types import STEPVIDEO_VAE, StepVideoVAEHandle
 
 log = logging.getLogger("StepVideo")
 
-STEPVIDEO_VAE = "STEPVIDEO_VAE"
 VAE_FOLDER = "vae"
-VAE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+VAE_DTYPES = (DEFAULT, "bf16", "fp32")  # weight_dtype combo; "default" = stepvideo_core.dtypes.default_dtype
 MAX_TILE = 1024
 
 
@@ -47,30 +46,13 @@ class VAEModules(torch.nn.Module):
         self.vae = vae
 
 
-@dataclasses.dataclass(frozen=True)
-class StepVideoVAEHandle:
-    """What a ``STEPVIDEO_VAE`` socket carries: the loaded VAE and where it computes / rests.
-
-    `patcher` is ComfyUI's ``ModelPatcher`` of the VAE inside ComfyUI (None elsewhere): ComfyUI's
-    model management loads, accounts for and evicts the VAE through it.
-    """
-
-    vae: StepVideoVAE
-    dtype: torch.dtype
-    device: torch.device
-    offload_device: torch.device
-    source: Path
-    patcher: object = None
-
-
 def resolve_vae_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The dtype for a ``weight_dtype`` combo value: "default" = bf16 on CUDA, fp32 elsewhere."""
-    if choice not in VAE_DTYPES:
-        raise ValueError(f"StepVideo: unknown VAE weight_dtype {choice!r}; expected one of {list(VAE_DTYPES)}")
-    dtype = VAE_DTYPES[choice]
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return dtype
+    """The dtype for a ``weight_dtype`` combo value: "default" = the core's default_dtype (bf16 on CUDA,
+    fp32 elsewhere).  Raises ValueError naming the allowed values for any other choice."""
+    try:
+        return parse_dtype(choice, device, choices=VAE_DTYPES, what="VAE weight_dtype")
+    except ValueError as exc:
+        raise ValueError(f"StepVideo: {exc}") from None
 
 
 def run_on_device(handle: StepVideoVAEHandle, work):

@@ -1,4 +1,4 @@
-"""Host memory: housekeeping between chunks of long work, and how much RAM is available.
+"""Memory figures and housekeeping: how much RAM and CUDA memory is free, and heap trimming between chunks.
 
 glibc's allocator raises its mmap threshold after large frees, so the big
 activation buffers of one VAE chunk end up in the heap, and fragments of it
@@ -13,7 +13,9 @@ import ctypes
 import ctypes.util
 import functools
 import sys
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,3 +64,17 @@ def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
     if limit == "max":
         return None
     return max(0, int(limit) - current)
+
+
+def cuda_free_vram(device: Union[str, torch.device]) -> Optional[int]:
+    """Return the free memory (bytes) of a CUDA ``device`` for memory plans, or None for other devices.
+
+    The driver's free figure plus what PyTorch's allocator holds cached but unused (it can hand that
+    out again without asking the driver). The one definition of this figure: the core's plans use it,
+    and the nodes' bridge uses it outside ComfyUI (inside, ComfyUI's own figure counts the same way).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))

@@ -93,10 +93,10 @@ def bridge(pack, monkeypatch):
     Tests stay deterministic even when a ComfyUI tree happens to be importable.
     """
     module = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
-    for name in ("folder_paths", "comfy.utils", "comfy.model_management"):
+    for name in ("folder_paths", "comfy.utils", "comfy.model_management", "comfy.cli_args"):
         monkeypatch.setitem(module._MODULES, name, None)
     monkeypatch.delenv(module.ENV_MODELS_DIR, raising=False)
-    monkeypatch.setattr(module, "_interrupt_flag", False)
+    monkeypatch.setattr(module.progress, "_interrupt_flag", False)
     return module
 
 

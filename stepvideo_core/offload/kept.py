@@ -9,7 +9,7 @@ itself still points at its home (host) tensors outside a run, as always.
 
 Whoever keeps them must be able to give the memory back: :meth:`KeptWeights.release` drops every
 device copy (the home copies never left the host, so nothing is copied back).  In ComfyUI the
-sampler node registers them with ComfyUI's model management (nodes/comfy_bridge.py), so loading
+sampler node registers them with ComfyUI's model management (nodes/comfy_bridge/models.py), so loading
 another model, "unload models" or ``free_memory`` evicts them like any model; a host without such
 an owner (the CLI, scripts) passes none and uploads per run.
 

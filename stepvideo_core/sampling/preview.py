@@ -1,19 +1,19 @@
-"""Latent previews: a linear map from the 64 latent channels to RGB.
+"""Latent previews: a linear map from the latent channels to RGB, fitted for the VAE in use.
 
 Decoding a preview with the VAE every step would cost more than the step, so,
 like ComfyUI's ``latent_rgb_factors``, a preview is ``rgb = latent @ W + b`` per
-latent cell (one pixel per 16x16 patch).  ``W`` [64, 3] and ``b`` [3] are not
-published for Step-Video; :func:`fit_latent_rgb` obtains them by least squares
-from (latents, decoded video) pairs of one VAE -- e.g. a few real clips encoded
-by the VAE, or the latents and frames of a finished generation -- by averaging
-the frames down to the latent grid (16x16 pixels, 17 frames -> 3 latent frames)
-and solving a ridge-regularised linear regression.  A fit can be saved as JSON
-(:meth:`LatentRGB.save`) and shipped as ``latent_rgb.json`` next to this module.
-Without real clips, :func:`fit_from_vae` fits the factors of whichever VAE the
-user has by encoding synthetic clips of smooth, drifting colour fields (the
-colour content a preview has to show) and regressing the clips on their
-latents; without any VAE, :func:`neutral_preview` shows the latents' dominant
-structure in grey (the first principal component of the 64 channels).
+latent cell (one pixel per 16x16 patch).  ``W`` [C, 3] and ``b`` [3] are not
+published for Step-Video, and the pack ships none (factors fitted from the
+random-init tiny test VAE would say nothing about the real one):
+:func:`fit_latent_rgb` obtains them by least squares from (latents, decoded
+video) pairs of one VAE -- e.g. a few real clips encoded by the VAE, or the
+latents and frames of a finished generation -- by averaging the frames down to
+the latent grid (16x16 pixels, 17 frames -> 3 latent frames) and solving a
+ridge-regularised linear regression; :func:`fit_from_vae` does it for whichever
+VAE the user has, by encoding synthetic clips of smooth, drifting colour fields
+(the colour content a preview has to show).  Without factors there is no
+preview image (:func:`preview_frame` returns None).  A fit can be kept as JSON
+(:meth:`LatentRGB.save` / :meth:`LatentRGB.load`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-DEFAULT_FACTORS = Path(__file__).with_name("latent_rgb.json")
 
 
 @dataclass(frozen=True)
@@ -104,34 +102,14 @@ def fit_from_vae(vae, count: int = 4, size: int = 64, seed: int = 0) -> LatentRG
     return fit_latent_rgb(latents, clips)
 
 
-def neutral_preview(latents: torch.Tensor) -> torch.Tensor:
-    """Grey preview without factors: [..., C, h, w] -> [..., h, w, 3] in [0, 1].
+def preview_frame(latents: torch.Tensor, factors: Optional[LatentRGB] = None,
+                  index: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Return uint8 RGB [h, w, 3] of one latent frame (the middle one by default) of ``latents`` [B, F, C, h, w].
 
-    Projects the channels on their first principal component (sign chosen so the
-    projection correlates positively with the channel mean) and stretches the 1st..99th
-    percentiles to black..white.
+    Returns None -- no preview image, and nothing computed -- without ``factors`` or with factors
+    fitted for another number of latent channels (a VAE that does not match the model).
     """
-    x = latents.float().movedim(-3, -1)
-    flat = x.reshape(-1, x.shape[-1])
-    centred = flat - flat.mean(dim=0)
-    _, _, v = torch.linalg.svd(centred[:: max(1, len(centred) // 4096)], full_matrices=False)
-    direction = v[0]
-    if float(direction.sum()) < 0:
-        direction = -direction
-    grey = (x - flat.mean(dim=0)) @ direction
-    lo, hi = torch.quantile(grey.flatten()[:: max(1, grey.numel() // 65536)], torch.tensor([0.01, 0.99]))
-    grey = ((grey - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-    return grey[..., None].expand(*grey.shape, 3).cpu()
-
-
-def default_factors() -> Optional[LatentRGB]:
-    """Factors shipped with the package (``latent_rgb.json``), or None when none were fitted yet."""
-    return LatentRGB.load(DEFAULT_FACTORS) if DEFAULT_FACTORS.is_file() else None
-
-
-def preview_frame(latents: torch.Tensor, factors: Optional[LatentRGB] = None, index: Optional[int] = None) -> torch.Tensor:
-    """uint8 RGB [h, w, 3] of one latent frame (the middle one by default) of ``latents`` [B, F, C, h, w]."""
+    if factors is None or factors.weight.shape[0] != latents.shape[2]:
+        return None
     frame = latents[0, latents.shape[1] // 2 if index is None else index]
-    usable = factors is not None and factors.weight.shape[0] == frame.shape[0]  # fitted for this many channels
-    rgb = factors.apply(frame) if usable else neutral_preview(frame)
-    return (rgb * 255).round().to(torch.uint8)
+    return (factors.apply(frame) * 255).round().to(torch.uint8)

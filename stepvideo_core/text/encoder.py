@@ -50,7 +50,8 @@ from ..memory import trim_host_heap
 from .clip import CLIP_DIR, HunyuanClip, find_clip_dir, load_hunyuan_clip
 from .llm_loader import find_step_llm_dir, find_step_llm_files, load_step_llm, read_step_llm_config
 from .step_llm import StepLLM
-from .streaming import PLANS, choose_plan, cuda_free_vram, default_device, on_device, run_step_llm
+from ..memory import cuda_free_vram
+from .streaming import PLANS, choose_plan, default_device, on_device, run_step_llm
 from .tokenizer import MAX_LENGTH, StepTokenizer, find_tokenizer_file
 
 log = logging.getLogger("StepVideo")

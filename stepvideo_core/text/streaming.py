@@ -26,7 +26,6 @@ from torch.func import functional_call
 from .step_llm import StepLLM, StepLLMConfig, causal_bias
 
 PLANS = ("auto", "resident", "stream", "cpu")
-MiB = 1 << 20
 GiB = 1 << 30
 # Kept free beyond the estimate: CUDA context, allocator fragmentation, kernels' workspaces.
 DEFAULT_HEADROOM = GiB
@@ -82,15 +81,6 @@ def on_device(module: nn.Module, device: torch.device, non_blocking: bool = Fals
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cuda_free_vram(device: Union[str, torch.device]) -> Optional[int]:
-    """Free memory (bytes) of a CUDA ``device`` as the driver reports it; None for other devices."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def stream_bytes(llm: StepLLM, batch: int, length: int) -> int:

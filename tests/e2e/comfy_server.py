@@ -198,21 +198,27 @@ class ComfyServer:
 
         return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=timeout)
 
-    def submit(self, prompt: dict, client_id: str) -> tuple[int, dict]:
-        return self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+    def submit(self, prompt: dict, client_id: str, extra_data: Optional[dict] = None) -> tuple[int, dict]:
+        """POST ``prompt`` to ``/prompt``; ``extra_data`` is what the frontend adds (e.g. its ``preview_method``)."""
+        payload = {"prompt": prompt, "client_id": client_id}
+        if extra_data is not None:
+            payload["extra_data"] = dict(extra_data)
+        return self.post("/prompt", payload)
 
-    def run(self, prompt: dict, timeout: float = 300.0, on_message=None) -> RunResult:
+    def run(self, prompt: dict, timeout: float = 300.0, on_message=None,
+            extra_data: Optional[dict] = None) -> RunResult:
         """Submit ``prompt`` and follow it on the websocket until it ends; returns the :class:`RunResult`.
 
         ``on_message(kind, data, result)`` is called for every JSON message of this prompt
-        (e.g. to interrupt it). Raises AssertionError when ``/prompt`` refuses the prompt.
+        (e.g. to interrupt it); ``extra_data`` goes with the prompt (see :meth:`submit`). Raises
+        AssertionError when ``/prompt`` refuses the prompt.
         """
         import websocket  # websocket-client
 
         client_id = uuid.uuid4().hex
         ws = self.connect(client_id)
         try:
-            status, body = self.submit(prompt, client_id)
+            status, body = self.submit(prompt, client_id, extra_data)
             assert status == 200, f"/prompt answered {status}: {json.dumps(body)[:2000]}"
             result = RunResult(prompt_id=body["prompt_id"])
             start = time.monotonic()

@@ -37,7 +37,7 @@ def comfy(comfyui_importable):
 def real_bridge(pack, comfy, monkeypatch):
     """The pack's bridge with its module cache emptied, so it finds the real ComfyUI modules."""
     module = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
-    monkeypatch.setattr(module, "_MODULES", {})
+    monkeypatch.setattr(module.modules, "_MODULES", {})
     monkeypatch.delenv(module.ENV_MODELS_DIR, raising=False)
     return module
 

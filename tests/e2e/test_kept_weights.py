@@ -22,7 +22,7 @@ from tests.e2e.test_managed_memory import comfy, entry_of  # noqa: F401 - the fi
 def parts(pack, comfy, monkeypatch):  # noqa: F811 - the imported fixture
     mm, _, _ = comfy
     bridge = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
-    monkeypatch.setattr(bridge, "_MODULES", {})
+    monkeypatch.setattr(bridge.modules, "_MODULES", {})
     kept_mod = sys.modules[f"{pack.__name__}.stepvideo_core.offload.kept"]
     mm.unload_all_models()
     yield mm, bridge, kept_mod

@@ -66,7 +66,7 @@ def nodes(pack, comfy, model_files, monkeypatch):
     before and after, and ComfyUI's text_encoders/vae folders pointing at :func:`model_files`."""
     mm, _, folder_paths = comfy
     bridge = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
-    monkeypatch.setattr(bridge, "_MODULES", {})
+    monkeypatch.setattr(bridge.modules, "_MODULES", {})
     monkeypatch.delenv(bridge.ENV_MODELS_DIR, raising=False)
     for kind in ("text_encoders", "vae"):
         monkeypatch.setitem(folder_paths.folder_names_and_paths, kind,

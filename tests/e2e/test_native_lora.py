@@ -90,7 +90,7 @@ def native(pack, comfy, monkeypatch):
     """The pack's nodes.native_lora with a fresh bridge cache and its hook installed (ComfyUI's originals
     are put back after the test, so every test starts from the same functions)."""
     bridge = pack_module(pack, "nodes.comfy_bridge")
-    monkeypatch.setattr(bridge, "_MODULES", {})
+    monkeypatch.setattr(bridge.modules, "_MODULES", {})
     monkeypatch.delenv(bridge.ENV_MODELS_DIR, raising=False)
     module = pack_module(pack, "nodes.native_lora")
     for name in ("model_lora_keys_unet", "load_lora"):

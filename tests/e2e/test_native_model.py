@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.e2e.test_native_support import CallCounter, core_dit, native_dit, prompts, rel
-from tests.e2e.test_native_support import comfy, nat  # noqa: F401 - fixtures
+from tests.e2e.test_native_support import cnodes, comfy, nat  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,15 +62,29 @@ def test_latent_channels_follow_the_model(nat, comfy):
     assert comfy.sample.fix_empty_latent_channels(small, empty["samples"]).shape == (1, 8, 3, 3, 2)
 
 
-def test_latent_rgb_factors_are_the_shipped_preview_factors(nat, monkeypatch):
-    preview = nat.core.sampling.preview
-    assert nat.model.StepVideoLatentFormat().latent_rgb_factors == (
-        None if preview.default_factors() is None else preview.default_factors().weight.tolist())
-    factors = preview.LatentRGB(torch.arange(192.0).reshape(64, 3) / 100, torch.tensor([0.1, -0.2, 0.3]))
-    monkeypatch.setattr(nat.model, "default_factors", lambda: factors)
+@pytest.mark.parametrize("method", ["none", "auto", "latent2rgb", "taesd"])
+def test_native_previews_are_progress_only_for_every_preview_method(nat, cnodes, patcher, method, monkeypatch):
+    """The latent format has no latent->RGB factors and no TAESD decoder (the pack ships no map: a fit for the
+    random-init tiny VAE would mean nothing for the real one), so for every ComfyUI preview method its samplers
+    find no previewer and their step callback reports progress with no image -- never a grey or wrong one."""
+    import sys
+
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    latent_preview = sys.modules["latent_preview"]  # imported by ComfyUI's nodes (the cnodes fixture)
     fmt = nat.model.StepVideoLatentFormat()
-    assert fmt.latent_rgb_factors == factors.weight.tolist()
-    assert fmt.latent_rgb_factors_bias == pytest.approx([0.1, -0.2, 0.3])
+    assert (fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias, fmt.taesd_decoder_name) == (None, None, None)
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod(method))
+    assert latent_preview.get_previewer(torch.device("cpu"), fmt) is None
+    sent = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        sent.append((value, total, preview)))
+    callback = latent_preview.prepare_callback(patcher, 2)
+    x0 = torch.randn(1, 64, 3, 2, 2)
+    for step in range(2):
+        callback(step, x0, x0, 2)
+    assert sent == [(1, 2, None), (2, 2, None)]
 
 
 def test_model_sampling_is_flow_with_shift_13_and_multiplier_1(patcher, comfy):
@@ -85,16 +99,16 @@ def test_model_sampling_is_flow_with_shift_13_and_multiplier_1(patcher, comfy):
 
 
 def test_memory_factor_and_memory_required_follow_the_pack_planner(nat, patcher):
-    from stepvideo_core.offload.planner import PEAK_UNITS, host_activation_bytes
+    from stepvideo_core.offload.planner import PEAK_UNITS, PlanInputs, host_activation_bytes
 
     model = patcher.model
     assert model.memory_usage_factor == pytest.approx(PEAK_UNITS[2] * 256 / (0.01 * 2 ** 20))
     full = nat.model.StepVideoT2VConfig(nat.core.StepVideoDiTConfig())
     assert full.memory_usage_factor == pytest.approx(9.5 * 6144 / 10485.76)
     for shape, frames in (([2, 64, 3, 34, 62], 17), ([1, 64, 18, 34, 62], 102), ([2, 64, 16, 34, 62], 102)):
-        assert model.memory_required(shape) == host_activation_bytes(
+        assert model.memory_required(shape) == host_activation_bytes(PlanInputs(
             992, 544, frames, cfg_batch=shape[0], weight_format="fp32", attention="sdpa", compute_dtype="fp32",
-            config=model.diffusion_model.config.to_dict())
+            config=model.diffusion_model.config.to_dict()))
     # and the planner's peak-unit term is what ComfyUI's own formula gives with that factor (bf16)
     tokens, batch = 18 * 34 * 62, 2
     comfy_formula = batch * tokens * 2 * 0.01 * full.memory_usage_factor * 2 ** 20

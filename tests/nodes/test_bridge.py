@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +239,48 @@ def test_comfy_lookup_caches_a_missing_module(bridge, monkeypatch):
     assert bridge._comfy("stepvideo_no_such_module") is None
     assert bridge._MODULES["stepvideo_no_such_module"] is None
     monkeypatch.delitem(bridge._MODULES, "stepvideo_no_such_module")
+
+
+JOBS = ("folders", "memory", "models", "modules", "progress", "server")
+
+
+def defined_names(module) -> dict:
+    """The public names `module` defines at its top level (functions, classes, assignments), read from its source."""
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return {name: getattr(module, name) for name in names if not name.startswith("_") and name != "log"}
+
+
+def test_package_reexports_every_public_name_of_its_job_modules(bridge):
+    """Node code calls ``bridge.<name>``: each job module's public names are the package's, the same objects,
+    and no name is defined by two modules."""
+    seen = {}
+    for job in JOBS:
+        module = getattr(bridge, job)
+        assert "outside comfyui" in " ".join((module.__doc__ or "").split()).lower()  # says how it degrades
+        for name, value in defined_names(module).items():
+            assert name not in seen, f"{name} defined in {seen[name]} and {job}"
+            seen[name] = job
+            assert getattr(bridge, name) is value and name in bridge.__all__, f"{job}.{name} not re-exported"
+    assert {"model_dirs", "progress_bar", "free_vram", "model_patcher", "add_route", "in_comfyui"} <= set(seen)
+
+
+def test_the_module_cache_is_the_one_every_job_reads(bridge, monkeypatch):
+    """``bridge._MODULES`` is always the lookup's dict, also after a test swapped in a fresh one."""
+    assert bridge._MODULES is bridge.modules._MODULES
+    monkeypatch.setattr(bridge.modules, "_MODULES", {"folder_paths": types.SimpleNamespace()})
+    assert bridge._MODULES is bridge.modules._MODULES and bridge.in_comfyui()
+    monkeypatch.setitem(bridge._MODULES, "server", types.SimpleNamespace(
+        PromptServer=types.SimpleNamespace(instance="the server")))
+    assert bridge.server._prompt_server() == "the server"
+    with pytest.raises(AttributeError):
+        bridge.no_such_name
 
 
 # ----------------------------------------------------------------------------- model management

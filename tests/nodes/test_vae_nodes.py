@@ -35,12 +35,13 @@ def test_nodes_are_registered(pack):
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("StepVideo")
 
 
-def test_loader_lists_and_loads(vae_mod, vae_file):
+def test_loader_lists_and_loads(vae_mod, types_mod, vae_file):
     options = vae_mod.StepVideoVAELoader.INPUT_TYPES()["required"]["vae_name"][0]
     assert options == [vae_file.name]
+    assert vae_mod.StepVideoVAELoader.RETURN_TYPES == (types_mod.STEPVIDEO_VAE,) == ("STEPVIDEO_VAE",)
     out = vae_mod.StepVideoVAELoader().load(vae_name=vae_file.name, weight_dtype="default")
     (handle,) = out["result"]
-    assert isinstance(handle, vae_mod.StepVideoVAEHandle)
+    assert isinstance(handle, types_mod.StepVideoVAEHandle)  # the socket types live together in nodes/types.py
     assert handle.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     assert handle.vae.config.z_channels == 8 and handle.source == vae_file.resolve()
     (text,) = out["ui"]["text"]

@@ -1,9 +1,9 @@
-"""Latent previews: least-squares RGB factors and the neutral fallback."""
+"""Latent previews: least-squares RGB factors, and no preview image without factors that fit."""
 
 import torch
 import torch.nn.functional as F
 
-from stepvideo_core.sampling.preview import LatentRGB, default_factors, fit_latent_rgb, neutral_preview, preview_frame
+from stepvideo_core.sampling.preview import LatentRGB, fit_latent_rgb, preview_frame
 
 
 def synthetic_pair(seed=0, channels=8):
@@ -33,17 +33,16 @@ def test_factors_round_trip_as_json(tmp_path):
     assert torch.allclose(back.weight, fit.weight) and torch.allclose(back.bias, fit.bias)
 
 
-def test_neutral_preview_and_preview_frame():
+def test_preview_frame_needs_factors_for_these_channels():
     latents = torch.randn(1, 9, 64, 5, 7, generator=torch.Generator().manual_seed(1))
-    grey = neutral_preview(latents[0, 4])
-    assert grey.shape == (5, 7, 3) and torch.equal(grey[..., 0], grey[..., 2])
-    assert torch.isfinite(neutral_preview(torch.zeros(64, 5, 7))).all()  # constant latents: no NaN
-    frame = preview_frame(latents)
-    assert frame.dtype == torch.uint8 and frame.shape == (5, 7, 3)
-    assert torch.equal(frame, preview_frame(latents))  # deterministic
     factors = LatentRGB(torch.zeros(64, 3), torch.tensor([1.0, -1.0, 0.0]))
-    assert preview_frame(latents, factors)[0, 0].tolist() == [255, 0, 128]
-    assert default_factors() is None  # no fit shipped until one is made from the real VAE
+    frame = preview_frame(latents, factors)
+    assert frame.dtype == torch.uint8 and frame.shape == (5, 7, 3) and frame[0, 0].tolist() == [255, 0, 128]
+    red = LatentRGB(torch.zeros(64, 3).index_fill_(1, torch.tensor([0]), 0.1), torch.zeros(3))
+    assert torch.equal(preview_frame(latents, red), preview_frame(latents[:, 4:5], red))  # the middle frame
+    assert not torch.equal(preview_frame(latents, red), preview_frame(latents, red, index=0))
+    assert preview_frame(latents) is None  # no factors: no image (never a grey stand-in)
+    assert preview_frame(latents, LatentRGB(torch.zeros(8, 3), torch.zeros(3))) is None  # fitted for 8 channels
 
 
 class LinearVAE:
