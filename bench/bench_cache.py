@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo_core import build_transformer  # noqa: E402
-from stepvideo_core.sampling import sample  # noqa: E402
+from stepvideo_core.sampling import SamplingSettings, sample  # noqa: E402
 from stepvideo_core.sampling.cache import StepCache, calibration_from_stats  # noqa: E402
 from stepvideo_core.tiny import TINY_DIT_CONFIG, random_state_dict  # noqa: E402
 
@@ -81,20 +81,20 @@ def main() -> int:
             run = dict(size, steps=steps, cfg=sched["cfg"], shift=sched["shift"])
             begin = time.perf_counter()
             recorded = {}  # calibration: another seed and another prompt than the evaluated ones
-            sample(model, conditioning(config, 1000), conditioning(config, 1001, valid=5), seed=999, **run,
-                   cache=StepCache(record_ratios=True), stats=recorded)
+            sample(model, conditioning(config, 1000), conditioning(config, 1001, valid=5),
+                   settings=SamplingSettings(seed=999, **run), cache=StepCache(record_ratios=True), stats=recorded)
             calibration = calibration_from_stats(recorded, preset=sched["preset"], cfg=sched["cfg"],
                                                  shift=sched["shift"])
             cases = [("off", None)] + [(mode, t) for mode, ts in THRESHOLDS.items() for t in ts]
             results = {case: [] for case in cases}
             for seed in range(args.seeds):
                 pos, neg = conditioning(config, 2 * seed), conditioning(config, 2 * seed + 1, valid=5)
-                ref = sample(model, pos, neg, seed=seed, **run)
+                ref = sample(model, pos, neg, settings=SamplingSettings(seed=seed, **run))
                 for mode, threshold in cases:
                     cache = StepCache(mode, threshold, calibration=calibration if mode == "calibrated" else None,
                                       **window)
                     stats = {}
-                    out = sample(model, pos, neg, seed=seed, **run, cache=cache, stats=stats)
+                    out = sample(model, pos, neg, settings=SamplingSettings(seed=seed, **run), cache=cache, stats=stats)
                     error = float((out - ref).norm() / ref.norm())
                     results[(mode, threshold)].append((stats["dit_calls"], stats["dit_calls"] + stats["skipped_calls"],
                                                        error, stats["skipped_steps"]))

@@ -31,7 +31,7 @@ from stepvideo_core import attention as attn  # noqa: E402
 from stepvideo_core import build_transformer  # noqa: E402
 from stepvideo_core.dit import model as dit_model  # noqa: E402
 from stepvideo_core.dit.rope import apply_rope, rope_tables  # noqa: E402
-from stepvideo_core.sampling import sample  # noqa: E402
+from stepvideo_core.sampling import SamplingSettings, sample  # noqa: E402
 from stepvideo_core.tiny import TINY_DIT_CONFIG, tiny_dit_state_dict  # noqa: E402
 
 
@@ -159,7 +159,7 @@ def main() -> int:
     attn._module_available = lambda name: looked.append(name) or real(name)
     try:
         model.attention_backend = "auto"
-        sample(model, pos, neg, width=32, height=48, frames=17, steps=3, cfg=5.0, shift=13.0)
+        sample(model, pos, neg, settings=SamplingSettings(width=32, height=48, frames=17, steps=3, cfg=5.0, shift=13.0))
     finally:
         attn._module_available = real
     blocks = len(model.transformer_blocks)

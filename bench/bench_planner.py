@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo_core.dit import StepVideoDiTConfig  # noqa: E402
-from stepvideo_core.offload.planner import GiB, auto_plan  # noqa: E402
+from stepvideo_core.offload.planner import GiB, PlanInputs, auto_plan  # noqa: E402
 
 CASES = {"t2v": [(992, 544, 204), (992, 544, 51)], "ti2v": [(992, 544, 102), (992, 544, 51)]}
 GPUS = (24, 48, 80)
@@ -37,8 +37,8 @@ def main() -> int:
     for width, height, frames in CASES[args.model]:
         for fmt in FORMATS:
             for gib in args.free_gib:
-                plan = auto_plan(width, height, frames, free_bytes=int(gib * GiB), weight_format=fmt,
-                                 attention=args.attention, config=config)
+                plan = auto_plan(PlanInputs(width, height, frames, weight_format=fmt, attention=args.attention,
+                                            config=config), free_bytes=int(gib * GiB))
                 rows.append(dict(size=f"{height}x{width}x{frames}", weights=fmt, gpu_gib=gib, **plan))
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo_core import build_transformer  # noqa: E402
-from stepvideo_core.sampling import sample  # noqa: E402
+from stepvideo_core.sampling import Placement, SamplingSettings, sample  # noqa: E402
 from stepvideo_core.tiny import random_state_dict  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> int:
 
     def once(**kw):  # CPU time of this process: other jobs on a shared machine distort wall time
         start = time.process_time()
-        out = sample(model, pos, neg, **common, **kw)
+        out = sample(model, pos, neg, settings=SamplingSettings(**common), placement=Placement(**kw))
         return time.process_time() - start, out
 
     streamed_kw = dict(blocks_on_device=args.resident, streamer_mode="copy")

@@ -94,12 +94,12 @@ def fmt_plan(r: dict) -> str:
 
 def min_free_gib(frames: int, fmt: str, model: str = "t2v") -> float:
     """Least free VRAM (GiB, 0.1 steps) for which the automatic plan fits at 992x544."""
-    from stepvideo_core.offload.planner import auto_plan
+    from stepvideo_core.offload.planner import PlanInputs, auto_plan
     lo, hi = 1, 2000  # tenths of a GiB
     while lo < hi:
         mid = (lo + hi) // 2
-        fits = auto_plan(992, 544, frames, free_bytes=int(mid / 10 * GiB), weight_format=fmt,
-                         config=dit_config(model))["fits"]
+        fits = auto_plan(PlanInputs(992, 544, frames, weight_format=fmt, config=dit_config(model)),
+                         free_bytes=int(mid / 10 * GiB))["fits"]
         lo, hi = (lo, mid) if fits else (mid + 1, hi)
     return lo / 10
 

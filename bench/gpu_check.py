@@ -33,6 +33,7 @@ START = time.perf_counter()  # before torch: the startup time is reported
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import importlib.metadata  # noqa: E402
@@ -60,7 +61,8 @@ from stepvideo_core.dit import build_transformer  # noqa: E402
 from stepvideo_core.dit.blocks import StepVideoBlock  # noqa: E402
 from stepvideo_core.dit.loader import FP8_PREFIX  # noqa: E402
 from stepvideo_core.offload import BlockStreamer  # noqa: E402
-from stepvideo_core.offload.planner import CLIP_TOKENS, LLM_TOKENS, estimate_peak, weight_bytes  # noqa: E402
+from stepvideo_core.offload.planner import (CLIP_TOKENS, LLM_TOKENS, PlanInputs, estimate_peak,  # noqa: E402
+                                            weight_bytes)
 from stepvideo_core.text.step_llm import build_step_llm  # noqa: E402
 from stepvideo_core.text.streaming import DEFAULT_HEADROOM, run_step_llm, stream_bytes  # noqa: E402
 from stepvideo_core.vae import build_vae  # noqa: E402
@@ -255,7 +257,7 @@ def quantize_linears_(module: torch.nn.Module, prefix: str, home: torch.device, 
     with torch.inference_mode(False), torch.no_grad():
         for layer in fp8.fp8_layers(module, prefix).values():
             layer.quantize_on_load = True
-            layer.take_tensor("weight", layer.weight.data.to(work), home, None)
+            layer.take_tensor("weight", layer.weight.data.to(work), home)
             count += 1
     return count
 
@@ -851,9 +853,10 @@ def section_planner(bench: Bench) -> None:
             unallocated = 0 if bench.cuda else non_block + built * block_bytes
             measured = mem.peak + unallocated
             weights = (placed or 0) + unallocated
-            common = dict(cfg_batch=batch, weight_format=fmt, attention="sdpa", compute_dtype="bf16")
-            est = estimate_peak(width, height, frames, blocks_on_device=built, config=spec.dit_config, **common)
-            est48 = estimate_peak(width, height, frames, blocks_on_device=release, config=release_config, **common)
+            run = PlanInputs(width, height, frames, cfg_batch=batch, weight_format=fmt, attention="sdpa",
+                             compute_dtype="bf16")
+            est = estimate_peak(dataclasses.replace(run, blocks_on_device=built, config=spec.dit_config))
+            est48 = estimate_peak(dataclasses.replace(run, blocks_on_device=release, config=release_config))
             measured48 = lib.scale_to_release(measured, built, release, block_bytes)
             status, ratio = lib.planner_check(est48["total"], measured48)
             items = est["items"]

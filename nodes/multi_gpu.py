@@ -31,14 +31,13 @@ import torch
 from ..stepvideo_core.offload import SamplingInterrupted
 from ..stepvideo_core.parallel import MODES, ParallelConfigError, ParallelLayout, token_split
 from ..stepvideo_core.parallel.workers import LoadSettings, PoolSettings, SampleJob, WorkerPool
-from ..stepvideo_core.sampling import latent_shape
+from ..stepvideo_core.sampling import Placement, latent_shape
 from . import comfy_bridge as bridge
 
 log = logging.getLogger("StepVideo")
 
 MAX_GPUS = 8
 PARALLEL_CHOICES = MODES            # "auto", "ulysses", "cfg"
-_OWN = ("device", "on_step", "should_stop", "cuda_api", "stats")  # each rank's own sample() arguments
 
 
 def devices_for(handle, gpus: int) -> list[torch.device]:
@@ -187,11 +186,12 @@ class Runner:
         self.handle, self.gpus, self.mode = handle, gpus, mode
         self.description = ""
 
-    def __call__(self, transformer, positive, negative=None, *, device=None, on_step=None, should_stop=None,
-                 cuda_api=None, stats=None, **options):
+    def __call__(self, transformer, positive, negative=None, *, settings, placement=Placement(), on_step=None,
+                 should_stop=None, stats=None, **options):
         handle = self.handle
-        job = SampleJob(positive=positive, negative=negative, options=options, mode=self.mode,
-                        attention=handle.attention, adapters=tuple(handle.adapters),
+        shared = dataclasses.replace(placement, device=None, cuda_api=None, kept=None, parallel=None)
+        job = SampleJob(positive=positive, negative=negative, settings=settings, placement=shared, options=options,
+                        mode=self.mode, attention=handle.attention, adapters=tuple(handle.adapters),
                         compile=getattr(handle, "compile", "off"))
         pool = ensure_pool(handle, self.gpus)
         caught = []
@@ -211,8 +211,8 @@ class Runner:
             return bool(caught) or bool(should_stop is not None and should_stop())
 
         try:
-            latents = pool.run_sample(job, transformer, device, on_step=progress, should_stop=stop,
-                                      cuda_api=cuda_api, stats=stats, wrapped=True)
+            latents = pool.run_sample(job, transformer, placement.device, on_step=progress, should_stop=stop,
+                                      cuda_api=placement.cuda_api, stats=stats, wrapped=True)
         except SamplingInterrupted:
             if caught:
                 raise caught[0] from None

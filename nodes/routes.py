@@ -28,6 +28,7 @@ RAM the weights take), ``flops_per_step`` and ``time`` (a rough estimate, see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Mapping, Optional
@@ -37,9 +38,9 @@ import torch
 from ..stepvideo_core.checkpoint import CheckpointError
 from ..stepvideo_core.flops import step_flops
 from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, resolve_config
-from ..stepvideo_core.pipeline import DTYPE_NAMES
-from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, DEFAULT_CONFIG, GiB, auto_plan, human_bytes,
-                                              weight_bytes)
+from ..stepvideo_core.dtypes import DTYPE_NAMES
+from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, DEFAULT_CONFIG, GiB, PlanInputs, auto_plan,
+                                              human_bytes, weight_bytes)
 from ..stepvideo_core.sampling import DEFAULT_PRESET, PRESETS, SizeError, check_video_size, resolve_settings
 from . import comfy_bridge as bridge
 from .model import BLOCK_CHOICES, DIT_FOLDER, WEIGHT_CHOICES, checkpoint_files, resolve_weight_choice
@@ -212,8 +213,9 @@ def build_plan(req: dict, device: dict, model: dict) -> dict:
         notes.append("auto dtype, format unknown: planned as bf16" if on_gpu else
                      "auto dtype, format unknown: planned as fp32")
 
-    common = dict(guided=req["guided"], weight_format=weight_format, attention=req["attention"],
-                  compute_dtype=compute_dtype, config=config)
+    run = PlanInputs(req["width"], req["height"], req["frames"], cfg_batch=2 if req["guided"] else 1,
+                     weight_format=weight_format, attention=req["attention"], compute_dtype=compute_dtype,
+                     config=config)
     free = None
     if on_gpu:
         if assumed:
@@ -223,12 +225,10 @@ def build_plan(req: dict, device: dict, model: dict) -> dict:
     if free is not None:
         choice = req["blocks_on_device"]
         blocks = layers if choice == "all" else ("auto" if choice == "auto" else int(choice))
-        plan = auto_plan(req["width"], req["height"], req["frames"], free_bytes=free, blocks_on_device=blocks,
-                         **common)
+        plan = auto_plan(dataclasses.replace(run, blocks_on_device=blocks), free_bytes=free)
         fits = bool(plan["fits"])
     else:  # the CPU (or a device whose memory is unknown): every block stays where it is
-        plan = auto_plan(req["width"], req["height"], req["frames"], free_bytes=1 << 62,
-                         blocks_on_device=layers, **common)
+        plan = auto_plan(dataclasses.replace(run, blocks_on_device=layers), free_bytes=1 << 62)
         plan["free_bytes"], plan["fits"] = None, None
         plan["message"] = (f"{device['type']}: all {layers} blocks in place, "
                            f"peak {human_bytes(plan['peak_bytes'])} (no VRAM to plan)")

@@ -1,8 +1,8 @@
 """Sampler-family node: StepVideoSampler (text conditioning + model handle -> LATENT).
 
-The node is thin: it turns widgets into a call of :func:`stepvideo_core.sampling.sample`,
-asks the memory planner how many blocks fit on the GPU, and wires ComfyUI's progress
-bar, previews, interrupt and memory management in through :mod:`comfy_bridge`.
+The node is thin: it turns widgets into one run of :func:`stepvideo_core.sampling.run.plan_and_sample`
+(the headless pipeline's orchestration: memory plan, adapters, compiled blocks, ``sample``), and wires
+ComfyUI's memory management, progress bar, previews and interrupt in through :mod:`comfy_bridge`.
 """
 
 from __future__ import annotations
@@ -10,23 +10,22 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from contextlib import nullcontext
 from typing import Mapping, Optional
 
-from ..stepvideo_core.compile import compiled_blocks
 from ..stepvideo_core.offload import SamplingInterrupted
 from ..stepvideo_core.offload.kept import kept_weights, resident_bytes
-from ..stepvideo_core.pipeline import check_plan
-from ..stepvideo_core.pipeline import plan_blocks as core_plan_blocks
-from ..stepvideo_core.sampling import CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, resolve_settings, sample
+from ..stepvideo_core.sampling import (CONDITIONING_KEYS, DEFAULT_PRESET, PRESETS, Placement, SamplingSettings,
+                                       resolve_settings, sample)
 from ..stepvideo_core.sampling.cache import (CACHE_MODES, DEFAULT_END, DEFAULT_START, DEFAULT_THRESHOLDS,
                                              StepCache)
 from ..stepvideo_core.sampling.cache import summary as cache_summary
-from ..stepvideo_core.sampling.preview import default_factors, fit_from_vae, preview_frame
+from ..stepvideo_core.sampling.run import DiTSetup, plan_and_sample
+from ..stepvideo_core.sampling.preview import fit_from_vae, preview_frame
+from ..stepvideo_core.vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 from ..stepvideo_core.vae.latents import to_comfy_latent
 from . import comfy_bridge as bridge
 from . import multi_gpu
-from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_IMAGE_CONDITION, STEPVIDEO_MODEL
+from .types import STEPVIDEO_CONDITIONING, STEPVIDEO_IMAGE_CONDITION, STEPVIDEO_MODEL, STEPVIDEO_VAE
 
 log = logging.getLogger("StepVideo")
 
@@ -40,13 +39,15 @@ def video_size_inputs(frames: int = 204, frames_tip: str = "official: 204 = 8 s 
     ``frames`` is the default length, ``frames_tip`` ends the frames tooltip, ``width_tip`` is added to the
     width tooltip (what the node does with the size).
     """
+    cell, chunk = SPATIAL_FACTOR, FRAME_CHUNK
     return {
-        "width": ("INT", {"default": 992, "min": 16, "max": 4096, "step": 16,
-                          "tooltip": f"Multiple of 16 (official: 992).{' ' + width_tip if width_tip else ''}"}),
-        "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16,
-                           "tooltip": "Multiple of 16 (official: 544)."}),
-        "frames": ("INT", {"default": frames, "min": 17, "max": 1020, "step": 17,
-                           "tooltip": f"Multiple of 17 (every 17 frames are 3 latent frames); {frames_tip}"}),
+        "width": ("INT", {"default": 992, "min": cell, "max": 4096, "step": cell,
+                          "tooltip": f"Multiple of {cell} (official: 992).{' ' + width_tip if width_tip else ''}"}),
+        "height": ("INT", {"default": 544, "min": cell, "max": 4096, "step": cell,
+                           "tooltip": f"Multiple of {cell} (official: 544)."}),
+        "frames": ("INT", {"default": frames, "min": chunk, "max": 60 * chunk, "step": chunk,
+                           "tooltip": f"Multiple of {chunk} (every {chunk} frames are {LATENTS_PER_CHUNK} latent "
+                                      f"frames); {frames_tip}"}),
     }
 
 
@@ -107,33 +108,33 @@ def step_cache(transformer, mode: str, threshold: float, start: float, end: floa
     return cache.resolved(transformer, preset, steps)
 
 
-def plan_blocks(handle, width: int, height: int, frames: int, guided: bool, kept=None, keeper=None) -> dict:
-    """Decide ``blocks_on_device`` and CFG batching for this run; returns the planner's dict.
+def dit_setup(handle) -> DiTSetup:
+    """The core's :class:`~stepvideo_core.sampling.run.DiTSetup` of a model handle (its dtype, weights, choices)."""
+    return DiTSetup(compute_dtype=handle.dtype, weight_format=handle.weight_format, attention=handle.attention,
+                    blocks_on_device=handle.blocks_on_device, adapters=tuple(handle.adapters),
+                    compile=getattr(handle, "compile", "off"))
 
-    The rule is the headless pipeline's (:func:`stepvideo_core.pipeline.plan_blocks`); on a
-    GPU ComfyUI is first asked to free what the fully resident run would need, and the
-    plan is then fitted into the free memory ComfyUI reports; on the CPU the plan checks
-    the run's activations against the available RAM.  ``kept`` / ``keeper``: the resident weights
-    an earlier run left on the GPU and their ComfyUI patcher (:func:`kept_resident_weights`): they
-    count as free (this run reuses or drops them) and are not evicted to make room.
+
+def make_room(handle, kept=None, keeper=None):
+    """The ``make_room`` of a GPU run of ``handle`` (see :func:`stepvideo_core.sampling.run.plan_run`).
+
+    Given the bytes the fully resident run needs, it asks ComfyUI to free them (other models, e.g. the
+    text encoder, may hold the GPU) and returns the free memory ComfyUI then reports.  ``kept`` /
+    ``keeper``: the resident weights an earlier run left on the GPU and their ComfyUI patcher
+    (:func:`kept_resident_weights`): they count as free (this run reuses or drops them) and are not
+    evicted to make room.
     """
-    common = dict(device=handle.device, compute_dtype=handle.dtype, weight_format=handle.weight_format,
-                  attention=handle.attention, width=width, height=height, frames=frames, guided=guided)
     ours = kept.nbytes if kept is not None and kept.device == handle.device else 0
-    if handle.device.type != "cpu":  # also for "all": other models (e.g. the text encoder) may hold the GPU
-        wanted = core_plan_blocks(handle.config, blocks_on_device=handle.config.num_layers, free_bytes=1 << 62,
-                                  **common)
-        need = wanted["peak_bytes"] + wanted["reserve_bytes"]
+
+    def room(need: int) -> Optional[int]:
         if keeper is not None:
             bridge.free_memory(max(0, need - ours), handle.device, keep=[keeper])
         else:
             bridge.free_memory(need, handle.device)
-    if handle.device.type == "cpu":  # the core plans the host RAM (what the system has available)
-        return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device, free_bytes=None,
-                                **common)
-    free = bridge.free_vram(handle.device)
-    return core_plan_blocks(handle.config, blocks_on_device=handle.blocks_on_device,
-                            free_bytes=1 << 62 if free is None else free + ours, **common)
+        free = bridge.free_vram(handle.device)
+        return None if free is None else free + ours
+
+    return room
 
 
 _KEEPERS = weakref.WeakKeyDictionary()  # transformer -> ComfyUI patcher of its resident weights kept on the GPU
@@ -165,10 +166,14 @@ _FITTED_FACTORS = weakref.WeakKeyDictionary()  # VAE module -> LatentRGB (fitted
 
 
 def preview_factors(preview_vae):
-    """64->RGB preview factors: fitted once for ``preview_vae`` (a STEPVIDEO_VAE) when given,
-    else the shipped ones (None: grey previews).  A fit costs one encode of four 64x64 clips."""
-    if preview_vae is None:
-        return default_factors()
+    """Return this run's latent->RGB preview factors, or None for progress without preview images.
+
+    Fitted once per loaded VAE for ``preview_vae`` (a STEPVIDEO_VAE; one encode of four 64x64 clips).
+    None without ``preview_vae`` (the pack ships no factors: only the user's VAE says what the latents'
+    colours are) and when ComfyUI's preview method is "none" (then nothing is fitted either).
+    """
+    if preview_vae is None or not bridge.previews_enabled():
+        return None
     factors = _FITTED_FACTORS.get(preview_vae.vae)
     if factors is None:
         from .vae import run_on_device
@@ -211,9 +216,11 @@ class StepVideoSampler:
                                             "every machine."}),
             },
             "optional": {
-                "preview_vae": ("STEPVIDEO_VAE", {
-                    "tooltip": "Optional: the VAE, to colour the step previews. A 64->RGB map is fitted once per "
-                               "loaded VAE from a few synthetic colour clips; without it previews are grey."}),
+                "preview_vae": (STEPVIDEO_VAE, {
+                    "tooltip": "Optional: the VAE, for step previews. A 64->RGB map is fitted once per loaded VAE "
+                               "from a few synthetic colour clips; without it there is no preview image (progress "
+                               "only). Previews follow ComfyUI's preview method (--preview-method or the Live "
+                               "preview method setting): none turns them off."}),
                 "image_condition": (STEPVIDEO_IMAGE_CONDITION, {
                     "tooltip": "Image-to-video (a Step-Video-TI2V model): the first frame and motion score from "
                                "StepVideo Image to Video, made for this width, height and frames."}),
@@ -264,53 +271,44 @@ class StepVideoSampler:
         """
         run = settings(preset, steps, cfg, shift)
         image = image_inputs(model, image_condition, width, height, frames)
+        video = SamplingSettings(width, height, frames, seed=seed, motion_score=image.get("motion_score"), **run)
         skipping = step_cache(model.transformer, cache, cache_threshold, cache_start, cache_end, preset,
-                              run["steps"])
-        guided = run["cfg"] > 1.0
-        workers = multi_gpu.runner(model, gpus, parallel, guided, width, height, frames)  # None for one GPU
+                              video.steps)
+        workers = multi_gpu.runner(model, gpus, parallel, video.guided, width, height, frames)  # None for one GPU
         pos = conditioning_dict(positive, "positive")
-        neg = conditioning_dict(negative, "negative") if guided else None
+        neg = conditioning_dict(negative, "negative") if video.guided else None
         factors = preview_factors(preview_vae)  # before planning: fitting may load the VAE onto the GPU
         kept, keeper = kept_resident_weights(model) if workers is None else (None, None)
-        plan = plan_blocks(model, width, height, frames, guided, kept=kept, keeper=keeper)
-        check_plan(plan)
         transformer = model.transformer
-        transformer.attention_backend = model.attention
-        streamed = plan["blocks_on_device"] < model.config.num_layers
-        if keeper is not None:  # ComfyUI accounts for what this run keeps on the GPU (and may evict it later)
-            bridge.set_managed_size(keeper, resident_bytes(transformer, plan["blocks_on_device"] if streamed
-                                                           else None, model.device))
+
+        def account_for_kept(plan, placement):  # ComfyUI accounts for what this run keeps on the GPU (may evict it)
+            bridge.set_managed_size(keeper, resident_bytes(transformer, placement.blocks_on_device, model.device))
             bridge.load_models([keeper], full=True)
-        progress = bridge.progress_bar(run["steps"])
+
+        progress = bridge.progress_bar(video.steps)
 
         def on_step(i, n, latents):
             progress.update_absolute(i, n, bridge.preview_image(preview_frame(latents, factors)))
 
-        adapters = nullcontext()
-        if model.adapters:
-            from ..stepvideo_core.lora.apply import attached
-            adapters = attached(transformer, model.adapters, blocks_on_device=plan["blocks_on_device"])
         start = time.perf_counter()
         stats = {}
-        # the handle's compile choice, per run: inside the LoRA attachment, outside the block streamer
-        compiled = compiled_blocks(transformer, getattr(model, "compile", "off"), device=model.device)
         try:
-            with adapters, compiled:
-                latents = (workers or sample)(transformer, pos, neg, width=width, height=height, frames=frames,
-                                 steps=run["steps"], cfg=run["cfg"], shift=run["shift"], seed=seed,
-                                 device=model.device,
-                                 blocks_on_device=plan["blocks_on_device"] if streamed else None,
-                                 batch_cfg=plan["batch_cfg"], on_step=on_step,
-                                 should_stop=bridge.interrupt_requested, cuda_api=bridge.cuda_api(),
-                                 cache=skipping, stats=stats, **image, **({"kept": kept} if kept is not None else {}))
+            # the handle's device memory as ComfyUI frees and reports it; the multi-GPU runner stands in for sample
+            done = plan_and_sample(transformer, pos, neg, video, setup=dit_setup(model),
+                                   placement=Placement(device=model.device, cuda_api=bridge.cuda_api(), kept=kept),
+                                   make_room=make_room(model, kept, keeper), sampler=workers or sample,
+                                   on_plan=account_for_kept if keeper is not None else None, on_step=on_step,
+                                   should_stop=bridge.interrupt_requested, condition=image.get("condition"),
+                                   cache=skipping, stats=stats)
         except SamplingInterrupted:
             bridge.check_interrupt()  # ComfyUI's own interrupt exception (weights are already home)
             raise
         finally:
             bridge.empty_cache()
+        latents, plan, compiled = done.latents, done.plan, done.compiled
         seconds = time.perf_counter() - start
         mode = f"image-to-video, motion score {image['motion_score']:g}; " if image else ""
-        summary = (f"{mode}{run['steps']} steps, cfg {run['cfg']:g}, shift {run['shift']:g}, seed {seed}; "
+        summary = (f"{mode}{video.steps} steps, cfg {video.cfg:g}, shift {video.shift:g}, seed {seed}; "
                    f"{width}x{height}x{frames} -> latent {list(latents.shape)}; {plan['message']}"
                    f"{'' if plan.get('batch_cfg', True) else ' (CFG one branch at a time)'}; {seconds:.1f} s"
                    f"{'; ' + cache_summary(stats) if stats else ''}"

@@ -10,8 +10,9 @@ Never imports ComfyUI; usable and testable on its own.  Public API:
 * :func:`load_step_llm` / :func:`build_step_llm` - the bare 19.6B Step-LLM (loaded / without weights).
 * :data:`POSITIVE_MAGIC`, :data:`NEGATIVE_PROMPT`, :func:`with_magic` - the official prompt conventions;
   :data:`TI2V_MAGIC`, :data:`TI2V_NEGATIVE_PROMPT` the image-to-video pair, :func:`magic_prompts` picks by mode.
-* :func:`flow_match_sigmas` - the official sampling schedule; :func:`sample` - the denoising loop
-  (``condition=`` / ``motion_score=`` for TI2V).
+* :func:`flow_match_sigmas` - the official sampling schedule; :func:`sample` - the denoising loop, given
+  a :class:`SamplingSettings` (size, steps, cfg, shift, seed; TI2V's motion score) and a :class:`Placement`
+  (device, block streaming, CFG batching); ``condition=`` is TI2V's first-frame condition.
 * :func:`resize_and_crop`, :func:`image_condition`, :func:`image_from_file` - the TI2V first-frame
   condition: image -> covering resize + centre crop -> VAE latent -> zero-padded condition.
 * :func:`load_lora`, :class:`LoraEntry`, :func:`attached` - LoRA adapters: validate, then apply for a run
@@ -24,7 +25,7 @@ from .dit import ConfigError, StepVideoDiTConfig, StepVideoTransformer, build_tr
 from .dit.loader import load_transformer
 from .text import (NEGATIVE_PROMPT, POSITIVE_MAGIC, TI2V_MAGIC, TI2V_NEGATIVE_PROMPT, StepLLM, StepLLMConfig,
                    StepVideoTextEncoder, build_step_llm, load_step_llm, load_text_encoder, magic_prompts, with_magic)
-from .sampling import flow_match_sigmas, sample
+from .sampling import Placement, SamplingSettings, flow_match_sigmas, sample
 from .condition import ImageConditionError, image_condition, image_from_file, resize_and_crop
 from .vae import build_vae, load_vae
 from .lora import LoraAdapter, LoraEntry, LoraError, attached, extract_lora, load_lora
@@ -35,5 +36,6 @@ __all__ = ["CheckpointError", "ConfigError", "StepVideoDiTConfig", "StepVideoTra
            "identify_checkpoint", "load_transformer", "build_vae", "load_vae", "NEGATIVE_PROMPT", "POSITIVE_MAGIC",
            "StepLLM", "StepLLMConfig", "StepVideoTextEncoder", "build_step_llm", "load_step_llm", "load_text_encoder",
            "with_magic", "TI2V_MAGIC", "TI2V_NEGATIVE_PROMPT", "magic_prompts", "flow_match_sigmas", "sample",
-           "ImageConditionError", "image_condition", "image_from_file", "resize_and_crop", "LoraAdapter",
-           "LoraEntry", "LoraError", "attached", "extract_lora", "load_lora", "__version__"]
+           "SamplingSettings", "Placement", "ImageConditionError", "image_condition", "image_from_file",
+           "resize_and_crop", "LoraAdapter", "LoraEntry", "LoraError", "attached", "extract_lora", "load_lora",
+           "__version__"]

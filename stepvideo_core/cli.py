@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, TextIO
 import torch
 
 from .checks import finite_float
+from .dtypes import DTYPES
 
 if TYPE_CHECKING:
-    from .pipeline import ModelFiles
+    from .pipeline import ModelFiles, VideoRequest
 
 COMPILE_MODES = ("off", "blocks")  # = stepvideo_core.compile.MODES
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The tiny default renders this unless told otherwise: a few seconds on two CPU cores.
 TINY_DEFAULTS = dict(width=64, height=64, frames=17, steps=3)
 # The official size (544x992, 204 frames = 8 s at 25 fps).
@@ -186,9 +186,8 @@ def generate(args) -> int:
     print(f"Generating {size['width']}x{size['height']}, {size['frames']} frames{source} on {pipe.device}{where} "
           f"({str(pipe.dtype).replace('torch.', '')}) -> {args.out}")
     result = pipe.generate(args.prompt, OFFICIAL_NEGATIVE if args.negative is None else args.negative,
-                           add_magic=not args.no_magic, preset=preset, cfg=args.cfg, shift=args.shift,
-                           seed=args.seed, image=args.image, motion_score=args.motion_score,
-                           progress=progress_factory() if first else None, cache=cache, **size)
+                           video_request(args, preset, size), image=args.image, add_magic=not args.no_magic,
+                           progress=progress_factory() if first else None, cache=cache)
     if not first:
         return 0
     frames = crop_to_540p(result.frames) if args.crop_540p else result.frames
@@ -236,6 +235,15 @@ def run_choices(args, files: "ModelFiles", ti2v: bool) -> tuple:
     return preset, {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
 
 
+def video_request(args, preset: str, size: dict) -> "VideoRequest":
+    """The :class:`~stepvideo_core.pipeline.VideoRequest` of the options: ``preset`` and ``size`` from
+    :func:`run_choices`, the sampling options as given (None: the preset's)."""
+    from .pipeline import VideoRequest
+
+    return VideoRequest(preset=preset, cfg=args.cfg, shift=args.shift, seed=args.seed,
+                        motion_score=args.motion_score, **size)
+
+
 def step_cache_from_args(args):
     """The :class:`~stepvideo_core.sampling.cache.StepCache` of ``--cache*`` (ValueError for bad values).
 
@@ -275,9 +283,8 @@ def calibrate(args) -> int:
     print(f"Calibrating the step cache: {preset}, {steps} steps, {size['width']}x{size['height']}, "
           f"{size['frames']} frames on {pipe.device} (one uncached run, no decode) -> {args.out}")
     calibration = pipe.calibrate_cache(args.prompt, OFFICIAL_NEGATIVE if args.negative is None else args.negative,
-                                       label=args.label or "", add_magic=not args.no_magic, preset=preset,
-                                       cfg=args.cfg, shift=args.shift, seed=args.seed, image=args.image,
-                                       motion_score=args.motion_score, progress=progress_factory(), **size)
+                                       label=args.label or "", video=video_request(args, preset, size),
+                                       image=args.image, add_magic=not args.no_magic, progress=progress_factory())
     out = save_calibration(args.out, calibration)
     ratios = calibration.ratios[1:] or (1.0,)
     print(f"Wrote the step-cache calibration of {calibration.describe()} to {out} (magnitude ratios "

@@ -4,7 +4,7 @@ Usage::
 
     settings = CompileSettings.parse("blocks")             # or CompileSettings(mode="blocks", ...)
     with compiled_blocks(model, settings, device=device) as compiled:
-        latents = sample(model, ...)                       # BlockStreamer, LoRA, fp8 as usual
+        latents = sample(model, ..., settings=...)         # BlockStreamer, LoRA, fp8 as usual
     print(compiled.summary())
 
 How it is put together, and why:

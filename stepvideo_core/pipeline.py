@@ -26,7 +26,6 @@ import gc
 import logging
 import time
 from pathlib import Path
-from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -34,22 +33,24 @@ import torch
 from .attention import check_backend
 from .checkpoint import CheckpointError
 from .checks import finite_float
-from .compile import CompiledBlocks, CompileSettings, compiled_blocks
+from .compile import CompiledBlocks, CompileSettings
+from .dtypes import DTYPE_NAMES, default_dtype
 from .condition import ImageConditionError, check_image, image_condition, image_from_file, image_noise_generator
 from .dit.loader import (detect_weight_format, find_transformer_files, load_transformer, meta_transformer,
                          resolve_config)
 from .memory import available_host_bytes, trim_host_heap
-from .offload.planner import auto_plan, host_plan, weight_bytes
-from .sampling import (PRESETS, check_video_size, preset_for, resolve_motion_score, resolve_settings,
-                       sample)
+from .offload.planner import weight_bytes
+from .sampling import (PRESETS, Placement, SamplingSettings, check_video_size, preset_for, resolve_motion_score,
+                       resolve_settings)
 from .sampling.cache import Calibration, StepCache, calibration_from_stats, model_identity
+from .sampling.run import DiTSetup, check_blocks_choice, check_plan, plan_and_sample, plan_blocks
 from .text.clip import CLIP_DIR
 from .text.encoder import (ClipFolderNotFound, load_text_encoder, magic_prompts,
                            resolve_text_encoder_dirs, with_magic)
 from .text.llm_loader import STEP_LLM_DIR, find_step_llm_files
-from .text.streaming import PLANS, cuda_free_vram, default_device
+from .text.streaming import PLANS, default_device
 from .text.tokenizer import find_tokenizer_file
-from .vae.loader import default_dtype, find_vae_file, load_vae
+from .vae.loader import find_vae_file, load_vae
 from .video_io import official_to_uint8
 
 log = logging.getLogger("StepVideo")
@@ -72,8 +73,6 @@ class _OfficialNegative:
 
 
 OFFICIAL_NEGATIVE = _OfficialNegative()
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-BLOCK_CHOICES_HELP = "'auto' (the memory planner decides), 'all', or a number of blocks"
 
 
 def resolve_preset(name: str) -> str:
@@ -153,55 +152,25 @@ def _text_encoder_dirs(where: Path, overridden: bool) -> tuple[Path, Path]:
                               f"both {STEP_LLM_DIR}/ and {CLIP_DIR}/ (the stepvideo-t2v release root)") from exc
 
 
-def plan_blocks(config, *, device: torch.device, compute_dtype: torch.dtype, weight_format: str, attention: str,
-                width: int, height: int, frames: int, guided: bool, blocks_on_device: Union[str, int] = "auto",
-                free_bytes: Optional[int] = None) -> dict:
-    """How this run places the DiT's blocks: the planner's dict (``blocks_on_device``, ``batch_cfg``, ``message``...).
+@dataclasses.dataclass(frozen=True)
+class VideoRequest:
+    """What :meth:`StepVideoPipeline.generate` makes; each None comes from the preset when the mode is known.
 
-    Same rule as the sampler node: on the CPU every block stays in RAM and the plan says whether
-    the activations fit the available RAM (``free_bytes``, default: what the system has free;
-    :func:`~stepvideo_core.offload.planner.host_plan`); on a GPU "all" keeps every block there,
-    else the planner fits ``blocks_on_device`` ("auto" or a number) into ``free_bytes``
-    (default: the device's free memory).  Pass the plan to :func:`check_plan` before allocating.
+    ``preset``: a key of PRESETS or an alias (None: the transformer's, Step-Video-T2V or Step-Video-TI2V);
+    ``frames`` (None: the preset's, 204 or 102 for TI2V), ``steps`` / ``cfg`` / ``shift`` (None: the
+    preset's, :func:`~stepvideo_core.sampling.resolve_settings`), ``motion_score`` (TI2V only; None: the
+    preset's 5).  Resolved and checked by :meth:`StepVideoPipeline.generate` before anything loads.
     """
-    layers = config.num_layers
-    choice = str(blocks_on_device)
-    fmt = "fp8_scaled" if weight_format == "fp8_scaled" else DTYPE_NAMES[compute_dtype]
-    if device.type == "cpu":
-        return host_plan(width, height, frames, available_bytes=available_host_bytes() if free_bytes is None
-                         else free_bytes, guided=guided, weight_format=fmt, attention=attention,
-                         compute_dtype=DTYPE_NAMES[compute_dtype], config=config.to_dict())
-    if choice == "all":
-        return {"blocks_on_device": layers, "batch_cfg": True, "fits": True, "streamed_blocks": 0,
-                "message": f"all {layers} blocks on {device}"}
-    if choice != "auto" and not choice.isdigit():
-        raise ValueError(f"blocks_on_device must be {BLOCK_CHOICES_HELP}, got {blocks_on_device!r}")
-    if free_bytes is None:
-        free_bytes = cuda_free_vram(device)
-    return auto_plan(width, height, frames, free_bytes=1 << 62 if free_bytes is None else free_bytes,
-                     guided=guided, weight_format=fmt, attention=attention,
-                     compute_dtype=DTYPE_NAMES[compute_dtype], config=config.to_dict(),
-                     blocks_on_device="auto" if choice == "auto" else int(choice))
 
-
-class MemoryPlanError(ValueError):
-    """The memory plan says a run cannot fit (host RAM on a CPU); raised before anything is allocated."""
-
-
-def check_plan(plan: dict) -> None:
-    """Refuse a run the plan marks impossible (``refuse``), warn about one that may not fit; else nothing.
-
-    One rule for the sampler node and the headless pipeline: a CPU run far beyond the available
-    RAM would bring in the out-of-memory killer (in ComfyUI: the whole server), so it is refused
-    with the plan's numbers and what would fit; a GPU run that may not fit is tried (CUDA reports
-    an out-of-memory error the caller can survive).
-    """
-    if plan.get("refuse"):
-        raise MemoryPlanError(f"refused before allocating: {plan['message']}. Lower the frames or the size, "
-                              f"compute in bf16 (half the activations), or use a GPU.")
-    if not plan["fits"]:
-        log.warning("the memory plan says this run may not fit (%s); trying anyway. fp8_scaled weights, "
-                    "fewer frames or a smaller size need less memory.", plan["message"])
+    preset: Optional[str] = None
+    width: int = 992
+    height: int = 544
+    frames: Optional[int] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    shift: Optional[float] = None
+    seed: int = 0
+    motion_score: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -253,9 +222,7 @@ class StepVideoPipeline:
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         if text_plan not in PLANS:
             raise ValueError(f"text_plan must be one of {PLANS}, got {text_plan!r}")
-        choice = str(blocks_on_device)
-        if choice not in ("auto", "all") and not choice.isdigit():
-            raise ValueError(f"blocks_on_device must be {BLOCK_CHOICES_HELP}, got {blocks_on_device!r}")
+        choice = check_blocks_choice(blocks_on_device)
         check_backend(attention, self.device, self.dtype)
         self.weight_format, self.attention, self.blocks_on_device = weight_format, attention, choice
         self.text_plan, self.text_dtype, self.alibi = text_plan, text_dtype, alibi
@@ -402,53 +369,42 @@ class StepVideoPipeline:
             self._release_memory()
         return condition
 
-    def sample(self, positive: dict, negative: Optional[dict], *, width: int, height: int, frames: int,
-               steps: int, cfg: float, shift: float, seed: int, progress: Optional[ProgressFactory] = None,
-               should_stop: Optional[Callable[[], bool]] = None, condition: Optional[torch.Tensor] = None,
-               motion_score: Optional[float] = None, cache: Optional[StepCache] = None,
+    def sample(self, positive: dict, negative: Optional[dict], settings: SamplingSettings, *,
+               progress: Optional[ProgressFactory] = None, should_stop: Optional[Callable[[], bool]] = None,
+               condition: Optional[torch.Tensor] = None, cache: Optional[StepCache] = None,
                stats: Optional[dict] = None, preset: Optional[str] = None) -> tuple[torch.Tensor, dict]:
         """(latents fp32 ``[1, F, C, h, w]`` on the CPU, the block plan) -- the sampler node's work.
 
-        ``condition`` / ``motion_score``: the TI2V image condition (:meth:`encode_image`) and motion
-        score, for a Step-Video-TI2V transformer only (see :func:`~stepvideo_core.sampling.sample`).
-        ``cache`` / ``stats``: the step cache and the dict its counts go to (see ``sample``); a
-        calibrated cache without its calibration finds it in its sources for this model, ``preset``
-        and ``steps`` (CalibrationNotFound otherwise).
+        ``settings``: the run's size and sampling settings (``motion_score`` for a Step-Video-TI2V
+        transformer only); ``condition``: the TI2V image condition (:meth:`encode_image`), see
+        :func:`~stepvideo_core.sampling.sample`.  ``cache`` / ``stats``: the step cache and the dict its
+        counts go to (see ``sample``); a calibrated cache without its calibration finds it in its sources
+        for this model, ``preset`` and the step count (CalibrationNotFound otherwise).  The orchestration
+        (plan, adapters, compile) is :func:`~stepvideo_core.sampling.run.plan_and_sample`, as in the node.
         """
         model = self.transformer()
         if cache is not None and cache.mode == "calibrated" and cache.calibration is None:
             if preset is None:
                 raise ValueError("the calibrated step cache needs the preset (calibrations are keyed by it)")
-            cache = cache.resolved(model, preset, steps)
+            cache = cache.resolved(model, preset, settings.steps)
         if cache is not None and cache.record_ratios and stats is not None:
             stats["model"] = model_identity(model)  # the base weights', before any LoRA is merged in
-        model.attention_backend = self.attention
-        guided = cfg > 1.0
-        plan = plan_blocks(model.config, device=self.device, compute_dtype=self.dtype,
-                           weight_format=model.weight_format, attention=self.attention, width=width,
-                           height=height, frames=frames, guided=guided, blocks_on_device=self.blocks_on_device)
-        check_plan(plan)
-        log.info("block plan: %s", plan["message"])
-        streamed = plan["blocks_on_device"] < model.config.num_layers
-        update = progress("sampling", steps) if progress else None
-        adapters = nullcontext()
-        if self._adapters:  # same call as the sampler node: exact base weights back afterwards
-            from .lora import attached
-            adapters = attached(model, self._adapters, blocks_on_device=plan["blocks_on_device"])
-        compiled = self.last_compile = compiled_blocks(model, self.compile, device=self.device)
-        with adapters, compiled:  # compiled blocks inside the LoRA attachment, outside the streamer
-            latents = sample(model, positive, negative if guided else None, width=width, height=height,
-                             frames=frames, steps=steps, cfg=cfg, shift=shift, seed=seed, device=self.device,
-                             blocks_on_device=plan["blocks_on_device"] if streamed else None,
-                             batch_cfg=plan["batch_cfg"] or self._cfg_parallel(), should_stop=should_stop,
-                             on_step=(lambda i, n, _latents: update(i, n)) if update else None,
-                             condition=condition, motion_score=motion_score, cache=cache, stats=stats,
-                             parallel=self.parallel)
+        update = progress("sampling", settings.steps) if progress else None
+        run = plan_and_sample(model, positive, negative, settings, setup=self._setup(model.weight_format),
+                              placement=Placement(device=self.device, parallel=self.parallel),
+                              on_step=(lambda i, n, _latents: update(i, n)) if update else None,
+                              should_stop=should_stop, condition=condition, cache=cache, stats=stats)
+        self.last_compile = run.compiled
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return latents, plan
+        return run.latents, run.plan
 
-    def check_memory(self, *, width: int, height: int, frames: int, guided: bool) -> Optional[dict]:
+    def _setup(self, weight_format: str) -> DiTSetup:
+        """This pipeline's DiT choices for a transformer whose block weights are stored as ``weight_format``."""
+        return DiTSetup(compute_dtype=self.dtype, weight_format=weight_format, attention=self.attention,
+                        blocks_on_device=self.blocks_on_device, adapters=self._adapters, compile=self.compile)
+
+    def check_memory(self, settings: SamplingSettings) -> Optional[dict]:
         """On the CPU, refuse a run that cannot fit in RAM before anything loads; returns the plan (None on a GPU).
 
         Made from config.json and the file headers: the RAM available now, less the DiT's weights
@@ -462,14 +418,13 @@ class StepVideoPipeline:
         index, config_path = find_transformer_files(self.files.transformer)
         config = self.transformer_config()
         stored = detect_weight_format(index) if self.weight_format == "auto" else self.weight_format
-        fmt = "fp8_scaled" if stored == "fp8_scaled" else DTYPE_NAMES[self.dtype]
+        setup = self._setup(stored)
         available = available_host_bytes()
         if available is not None and self._transformer is None:
-            sizes = weight_bytes(fmt, DTYPE_NAMES[self.dtype], config.to_dict())
+            inputs = setup.plan_inputs(config, settings)
+            sizes = weight_bytes(inputs.weight_format, inputs.compute_dtype, inputs.config)
             available = max(0, available - sizes["layers"] * sizes["block"] - sizes["non_block"])
-        plan = plan_blocks(config, device=self.device, compute_dtype=self.dtype, weight_format=stored,
-                           attention=self.attention, width=width, height=height, frames=frames, guided=guided,
-                           free_bytes=available)
+        plan = plan_blocks(config, setup, settings, device=self.device, free_bytes=available)
         check_plan(plan)
         return plan
 
@@ -488,10 +443,6 @@ class StepVideoPipeline:
             video = self.vae().decode(latents, on_chunk=update, should_stop=should_stop, output_device="cpu")
         return official_to_uint8(video)
 
-    def _cfg_parallel(self) -> bool:
-        """True when the two guidance branches run on two ranks (they then need the batched call)."""
-        return self.parallel is not None and self.parallel.layout.cfg > 1
-
     def _encode_once(self, *args, **kwargs):
         """:meth:`encode` on rank 0 only, its result broadcast to the other ranks of a parallel run
         (the 19.6B text encoder is loaded once); a plain :meth:`encode` otherwise."""
@@ -500,45 +451,32 @@ class StepVideoPipeline:
         result = self.encode(*args, **kwargs) if self.parallel.is_first else None
         return self.parallel.broadcast_tensors(result)
 
-    def generate(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, *, add_magic: bool = True,
-                 preset: Optional[str] = None, width: int = 992, height: int = 544, frames: Optional[int] = None,
-                 steps: Optional[int] = None, cfg: Optional[float] = None, shift: Optional[float] = None,
-                 seed: int = 0, image: Optional[ImageInput] = None, motion_score: Optional[float] = None,
-                 progress: Optional[ProgressFactory] = None,
-                 should_stop: Optional[Callable[[], bool]] = None, cache: Optional[StepCache] = None,
-                 decode: bool = True) -> GenerationResult:
+    def generate(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, video: VideoRequest = VideoRequest(),
+                 *, image: Optional[ImageInput] = None, add_magic: bool = True,
+                 progress: Optional[ProgressFactory] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 cache: Optional[StepCache] = None, decode: bool = True) -> GenerationResult:
         """One video for ``prompt`` (from the first frame ``image`` on TI2V); see :class:`GenerationResult`.
 
-        ``preset`` defaults to the transformer's (Step-Video-T2V, or Step-Video-TI2V for a TI2V
-        transformer); ``frames`` to the preset's (204, or 102 for TI2V); ``steps``/``cfg``/``shift``
-        to the preset's (resolve_settings) and ``motion_score`` (TI2V only) to its 5.  The magic
-        suffix and the default negative prompt are the official ones of the mode; the negative is
-        not encoded when cfg <= 1.  ``image`` is an image file or an RGB tensor [3, h, w] in [-1, 1]:
-        required by a Step-Video-TI2V transformer, refused by a T2V one.  Size, settings, the image
-        and the mode are checked before anything is loaded.  Without ``keep_models`` the DiT and
-        the VAE are freed before returning.  ``cache``: the sampler's step cache
-        (:class:`~stepvideo_core.sampling.cache.StepCache`; its counts land in the result's ``cache``);
-        a calibrated one must find a calibration for the preset and step count before anything loads.
-        ``decode`` False stops after sampling (``frames`` is None; :meth:`calibrate_cache` needs no video).
+        ``video``: the size and sampling settings (:class:`VideoRequest`; what it leaves None comes from
+        the preset, the transformer's by default).  The magic suffix and the default negative prompt
+        are the official ones of the mode; the negative is not encoded when cfg <= 1.  ``image`` is an
+        image file or an RGB tensor [3, h, w] in [-1, 1]: required by a Step-Video-TI2V transformer,
+        refused by a T2V one.  Size, settings, the image and the mode are checked before anything is
+        loaded.  Without ``keep_models`` the DiT and the VAE are freed before returning.  ``cache``: the
+        sampler's step cache (:class:`~stepvideo_core.sampling.cache.StepCache`; its counts land in the
+        result's ``cache``); a calibrated one must find a calibration for the preset and step count
+        before anything loads.  ``decode`` False stops after sampling (``frames`` is None;
+        :meth:`calibrate_cache` needs no video).
         """
         ti2v = self.check_mode(image)
-        preset = resolve_preset(preset) if preset is not None else preset_for(ti2v)
-        if PRESETS[preset].image and not ti2v:
-            raise ValueError(f"preset {preset} is for a Step-Video-TI2V (image-to-video) transformer; "
-                             f"{self.files.transformer} is Step-Video-T2V: pick base or turbo")
-        if motion_score is not None and not ti2v:
-            raise ValueError("motion_score is an image-to-video setting: the transformer is Step-Video-T2V")
-        frames = PRESETS[preset].frames if frames is None else frames
-        check_video_size(width, height, frames)
-        run = resolve_settings(preset, steps, cfg, shift)
-        motion = resolve_motion_score(preset, motion_score) if ti2v else None
+        preset, run = self._resolve(video, ti2v)
         pixels = read_image(image) if ti2v else None  # a bad image file fails now, not after the text encoders
         magic, mode_negative = magic_prompts("ti2v" if ti2v else "t2v")
         negative = mode_negative if negative is OFFICIAL_NEGATIVE else negative
-        guided = run["cfg"] > 1.0
+        guided = run.guided
         if cache is not None:
-            cache.check_sources(preset, run["steps"])  # a missing calibration fails now, not after the text
-        self.check_memory(width=width, height=height, frames=frames, guided=guided)
+            cache.check_sources(preset, run.steps)  # a missing calibration fails now, not after the text
+        self.check_memory(run)
         seconds = {}
         cache_stats = {}
         start = time.perf_counter()
@@ -551,12 +489,12 @@ class StepVideoPipeline:
             condition = None
             if ti2v:
                 start = time.perf_counter()
-                condition = self.encode_image(pixels, width=width, height=height, frames=frames, seed=seed)
+                condition = self.encode_image(pixels, width=run.width, height=run.height, frames=run.frames,
+                                              seed=run.seed)
                 seconds["image"] = time.perf_counter() - start
             start = time.perf_counter()
-            latents, plan = self.sample(positive, neg, width=width, height=height, frames=frames, seed=seed,
-                                        progress=progress, should_stop=should_stop, condition=condition,
-                                        motion_score=motion, cache=cache, stats=cache_stats, preset=preset, **run)
+            latents, plan = self.sample(positive, neg, run, progress=progress, should_stop=should_stop,
+                                        condition=condition, cache=cache, stats=cache_stats, preset=preset)
             seconds["sample"] = time.perf_counter() - start
             pixels_out = None
             if decode:
@@ -567,9 +505,10 @@ class StepVideoPipeline:
             if not self.keep_models:
                 self.unload()
         settings = dict(prompt=prompt, negative=(negative or "") if guided else None, add_magic=add_magic,
-                        preset=preset, width=width, height=height, frames=frames, seed=seed, **run)
+                        preset=preset, width=run.width, height=run.height, frames=run.frames, seed=run.seed,
+                        steps=run.steps, cfg=run.cfg, shift=run.shift)
         if ti2v:
-            settings.update(mode="ti2v", motion_score=motion,
+            settings.update(mode="ti2v", motion_score=run.motion_score,
                             image=str(image) if not isinstance(image, torch.Tensor) else "tensor")
         else:
             settings.update(mode="t2v")
@@ -579,6 +518,25 @@ class StepVideoPipeline:
             settings.update(compile=self.last_compile.summary())
         return GenerationResult(frames=pixels_out, settings=settings, plan=plan, seconds=seconds, notes=notes,
                                 cache=cache_stats)
+
+    def _resolve(self, video: VideoRequest, ti2v: bool) -> tuple[str, SamplingSettings]:
+        """(preset key, the run's settings) of ``video`` for this mode, each None from the preset; checked.
+
+        Raises ValueError for a preset or a motion score the transformer's mode cannot take, a video size
+        the VAE's grid does not allow, and sampling settings out of range.
+        """
+        preset = resolve_preset(video.preset) if video.preset is not None else preset_for(ti2v)
+        if PRESETS[preset].image and not ti2v:
+            raise ValueError(f"preset {preset} is for a Step-Video-TI2V (image-to-video) transformer; "
+                             f"{self.files.transformer} is Step-Video-T2V: pick base or turbo")
+        if video.motion_score is not None and not ti2v:
+            raise ValueError("motion_score is an image-to-video setting: the transformer is Step-Video-T2V")
+        frames = PRESETS[preset].frames if video.frames is None else video.frames
+        check_video_size(video.width, video.height, frames)
+        chosen = resolve_settings(preset, video.steps, video.cfg, video.shift)
+        motion = resolve_motion_score(preset, video.motion_score) if ti2v else None
+        return preset, SamplingSettings(video.width, video.height, frames, seed=video.seed, motion_score=motion,
+                                        **chosen)
 
     def calibrate_cache(self, prompt: str, negative: Optional[str] = OFFICIAL_NEGATIVE, *, label: str = "",
                         **generate_kwargs) -> Calibration:

@@ -48,11 +48,19 @@ a the activation size (2 bytes for bf16/fp16, 4 for fp32), let U = B*L*D*a
 ``blocks_on_device="auto"`` picks the largest count whose estimate + reserve
 fits ``free_bytes``; if nothing fits with batched CFG, :func:`auto_plan` also
 tries running the two CFG branches one after the other (B = 1).
+
+Every entry point takes one :class:`PlanInputs` (the run as the planner sees it)
+and the memory figure it plans against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
+
+from ..dit.config import StepVideoDiTConfig
+from ..vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
+from .schedule import copies_per_pass
 
 GiB = 1024 ** 3
 HEAD_DIM = 128
@@ -67,8 +75,32 @@ ATTENTION_EXTRA_UNITS = {"auto": 1.5, "sdpa": 0.0, "flash_attn": 0.0, "sageatten
 CONTEXT_COPIES = 4
 RESERVE_FIXED = 1 * GiB
 RESERVE_FRACTION = 0.05
-DEFAULT_CONFIG = dict(num_attention_heads=48, attention_head_dim=128, in_channels=64, out_channels=64,
-                      num_layers=48, patch_size=1, caption_channels=[6144, 1024])
+DEFAULT_CONFIG = StepVideoDiTConfig().to_dict()  # the released 30B model, as config.json spells it
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInputs:
+    """One sampling run as the planner sees it: plain numbers and strings, so a plan stays JSON-friendly.
+
+    ``cfg_batch``: the batch of one model call, 2 for guidance (cfg > 1) with both branches in one call,
+    1 without guidance (or one branch at a time); :func:`estimate_peak` and :func:`plan` take it as given,
+    :func:`auto_plan` and :func:`host_plan` fall back from 2 to 1 (the CFG branches one after the other)
+    when 2 does not fit.
+    ``weight_format``: one of :data:`WEIGHT_FORMATS`; ``compute_dtype``: the activations' dtype name
+    (used with fp8 weights; full-precision formats compute in their own).  ``blocks_on_device``:
+    "auto" or a number of blocks (an int for :func:`estimate_peak`).  ``config``: a config.json-style
+    dict of the DiT (None: the released 30B model).
+    """
+
+    width: int
+    height: int
+    frames: int
+    cfg_batch: int = 2
+    weight_format: str = "bf16"
+    attention: str = "sdpa"
+    compute_dtype: str = "bf16"
+    blocks_on_device: Union[str, int] = "auto"
+    config: Optional[dict] = None
 
 
 def _dims(config: Optional[dict]) -> dict:
@@ -129,7 +161,8 @@ def _compute_dtype(weight_format: str, compute_dtype: Optional[str]) -> str:
 
 def latent_tokens(width: int, height: int, frames: int, patch_size: int = 1) -> int:
     """Video tokens L of one sample (frames/17*3 latent frames x height/16 x width/16)."""
-    return (frames // 17 * 3) * (height // 16 // patch_size) * (width // 16 // patch_size)
+    return ((frames // FRAME_CHUNK * LATENTS_PER_CHUNK) * (height // SPATIAL_FACTOR // patch_size)
+            * (width // SPATIAL_FACTOR // patch_size))
 
 
 def condition_bytes(width: int, height: int, frames: int, *, cfg_batch: int, activation_bytes: int,
@@ -146,59 +179,56 @@ def condition_bytes(width: int, height: int, frames: int, *, cfg_batch: int, act
     return 3 * one  # held condition (1) + latents ++ condition at the patch embed (2)
 
 
-def estimate_peak(width: int, height: int, frames: int, *, blocks_on_device: int, cfg_batch: int = 2,
-                  weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
-                  config: Optional[dict] = None) -> dict:
-    """Peak device bytes of a sampling step, itemised (see module docstring); all values are ints."""
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r}; expected one of {ATTENTION_BACKENDS}")
+def estimate_peak(run: PlanInputs) -> dict:
+    """Peak device bytes of a sampling step of ``run`` with ``run.blocks_on_device`` blocks resident (an int),
+    itemised (see module docstring); all values are ints."""
+    if run.attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {run.attention!r}; expected one of {ATTENTION_BACKENDS}")
+    config, cfg_batch = run.config, run.cfg_batch
     d = _dims(config)
-    sizes = weight_bytes(weight_format, compute_dtype, config)
+    sizes = weight_bytes(run.weight_format, run.compute_dtype, config)
     layers = sizes["layers"]
-    resident = max(0, min(int(blocks_on_device), layers))
+    resident = max(0, min(int(run.blocks_on_device), layers))
     slots = min(2, layers - resident)
-    a = ACTIVATION_BYTES[_compute_dtype(weight_format, compute_dtype)]
-    L = latent_tokens(width, height, frames)
+    a = ACTIVATION_BYTES[_compute_dtype(run.weight_format, run.compute_dtype)]
+    L = latent_tokens(run.width, run.height, run.frames)
     unit = cfg_batch * L * d["D"] * a
-    peak_units = PEAK_UNITS[a] + (FP8_MATMUL_EXTRA_UNITS if weight_format == "fp8_scaled" else 0.0)
-    units = max(peak_units, ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[attention])
+    fp8 = run.weight_format == "fp8_scaled"
+    peak_units = PEAK_UNITS[a] + (FP8_MATMUL_EXTRA_UNITS if fp8 else 0.0)
+    units = max(peak_units, ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[run.attention])
     activations = (units * unit + 2 * L * d["head_dim"] * a
                    + CONTEXT_COPIES * cfg_batch * (CLIP_TOKENS + LLM_TOKENS) * d["D"] * a)
-    workspace = 2 * parameter_counts(config)["largest_linear"] * a if weight_format == "fp8_scaled" else 0
+    workspace = 2 * parameter_counts(config)["largest_linear"] * a if fp8 else 0
     items = {"non_block_weights": sizes["non_block"], "resident_blocks": resident * sizes["block"],
              "stream_slots": slots * sizes["block"], "activations": int(activations), "workspace": workspace}
     if d["ti2v"]:
-        items["condition"] = condition_bytes(width, height, frames, cfg_batch=cfg_batch, activation_bytes=a,
-                                             config=config)
+        items["condition"] = condition_bytes(run.width, run.height, run.frames, cfg_batch=cfg_batch,
+                                             activation_bytes=a, config=config)
     total = sum(items.values())
     return {"total": total, "items": items, "tokens": L, "resident": resident, "slots": slots,
             "block_bytes": sizes["block"], "reserve": int(RESERVE_FIXED + RESERVE_FRACTION * total)}
 
 
-def plan(width: int, height: int, frames: int, *, free_bytes: int, cfg_batch: int = 2,
-         weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
-         blocks_on_device: Union[str, int] = "auto", config: Optional[dict] = None) -> dict:
-    """The plan for one configuration: a JSON-friendly dict.
+def plan(run: PlanInputs, *, free_bytes: int) -> dict:
+    """The plan for ``run`` in ``free_bytes`` of device memory: a JSON-friendly dict.
 
+    ``run.blocks_on_device`` "auto" chooses the most blocks that fit, a number is taken as given.
     Keys: ``blocks_on_device`` (chosen, or the number given), ``num_blocks``,
     ``streamed_blocks``, ``copies_per_step`` (block copies per model call), ``fits``,
     ``peak_bytes`` (estimate, without reserve), ``reserve_bytes``, ``free_bytes``,
     ``items`` (itemised peak), ``tokens``, ``cfg_batch``, ``weight_format``, ``message``.
     """
-    layers = weight_bytes(weight_format, compute_dtype, config)["layers"]
-    common = dict(cfg_batch=cfg_batch, weight_format=weight_format, attention=attention,
-                  compute_dtype=compute_dtype, config=config)
-    if blocks_on_device == "auto":
-        chosen = 0
-        for n in range(layers, -1, -1):
-            est = estimate_peak(width, height, frames, blocks_on_device=n, **common)
-            if est["total"] + est["reserve"] <= free_bytes:
-                chosen = n
-                break
+    layers = weight_bytes(run.weight_format, run.compute_dtype, run.config)["layers"]
+
+    def estimate(blocks: int) -> dict:
+        return estimate_peak(dataclasses.replace(run, blocks_on_device=blocks))
+
+    if run.blocks_on_device == "auto":
+        chosen = next((n for n in range(layers, -1, -1) if _fits(estimate(n), free_bytes)), 0)
     else:
-        chosen = max(0, min(int(blocks_on_device), layers))
-    est = estimate_peak(width, height, frames, blocks_on_device=chosen, **common)
-    fits = est["total"] + est["reserve"] <= free_bytes
+        chosen = max(0, min(int(run.blocks_on_device), layers))
+    est = estimate(chosen)
+    fits = _fits(est, free_bytes)
     streamed = layers - chosen
     gb = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
     if not fits:
@@ -210,29 +240,30 @@ def plan(width: int, height: int, frames: int, *, free_bytes: int, cfg_batch: in
         message = (f"{chosen} of {layers} blocks on the device, {streamed} streamed: "
                    f"{gb(est['total'])} of {gb(free_bytes)}")
     return {"blocks_on_device": chosen, "num_blocks": layers, "streamed_blocks": streamed,
-            "copies_per_step": 0 if streamed <= 2 else streamed, "fits": fits, "peak_bytes": est["total"],
+            "copies_per_step": copies_per_pass(layers, chosen), "fits": fits, "peak_bytes": est["total"],
             "reserve_bytes": est["reserve"], "free_bytes": int(free_bytes), "items": est["items"],
-            "tokens": est["tokens"], "cfg_batch": cfg_batch, "weight_format": weight_format,
-            "attention": attention, "message": message}
+            "tokens": est["tokens"], "cfg_batch": run.cfg_batch, "weight_format": run.weight_format,
+            "attention": run.attention, "message": message}
 
 
-def auto_plan(width: int, height: int, frames: int, *, free_bytes: int, guided: bool = True,
-              weight_format: str = "bf16", attention: str = "sdpa", compute_dtype: str = "bf16",
-              blocks_on_device: Union[str, int] = "auto", config: Optional[dict] = None) -> dict:
+def _fits(estimate: dict, free_bytes: int) -> bool:
+    """True when an :func:`estimate_peak` result and its reserve fit in ``free_bytes``."""
+    return estimate["total"] + estimate["reserve"] <= free_bytes
+
+
+def auto_plan(run: PlanInputs, *, free_bytes: int) -> dict:
     """:func:`plan` with batched CFG when it fits, else with the two CFG branches run one by one.
 
     Batched CFG is preferred: it is the official computation and streams each block
     once per step instead of twice.  Adds ``batch_cfg`` (bool) to the plan.  Without
-    guidance the batch is 1 anyway.
+    guidance (``run.cfg_batch`` 1) the batch is 1 anyway.
     """
-    common = dict(free_bytes=free_bytes, weight_format=weight_format, attention=attention,
-                  compute_dtype=compute_dtype, blocks_on_device=blocks_on_device, config=config)
-    if not guided:
-        return dict(plan(width, height, frames, cfg_batch=1, **common), batch_cfg=False)
-    batched = plan(width, height, frames, cfg_batch=2, **common)
+    if run.cfg_batch == 1:
+        return dict(plan(run, free_bytes=free_bytes), batch_cfg=False)
+    batched = plan(run, free_bytes=free_bytes)
     if batched["fits"]:
         return dict(batched, batch_cfg=True)
-    one_by_one = plan(width, height, frames, cfg_batch=1, **common)
+    one_by_one = plan(dataclasses.replace(run, cfg_batch=1), free_bytes=free_bytes)
     one_by_one["message"] += " (CFG branches one after the other)"
     return dict(one_by_one, batch_cfg=False)
 
@@ -250,47 +281,42 @@ def human_bytes(nbytes: int) -> str:
     return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / (1 << 20):.1f} MiB"
 
 
-def host_activation_bytes(width: int, height: int, frames: int, *, cfg_batch: int, weight_format: str,
-                          attention: str, compute_dtype: str, config: Optional[dict] = None) -> int:
-    """Host RAM a CPU sampling step needs beyond the weights (already loaded): activations + workspace
-    (+ the image condition of a TI2V config)."""
-    est = estimate_peak(width, height, frames, blocks_on_device=0, cfg_batch=cfg_batch,
-                        weight_format=weight_format, attention=attention, compute_dtype=compute_dtype,
-                        config=config)
-    return est["items"]["activations"] + est["items"]["workspace"] + est["items"].get("condition", 0)
+def host_activation_bytes(run: PlanInputs) -> int:
+    """Host RAM a CPU sampling step of ``run`` needs beyond the weights (already loaded): activations +
+    workspace (+ the image condition of a TI2V config)."""
+    items = estimate_peak(dataclasses.replace(run, blocks_on_device=0))["items"]
+    return items["activations"] + items["workspace"] + items.get("condition", 0)
 
 
-def host_plan(width: int, height: int, frames: int, *, available_bytes: Optional[int], guided: bool = True,
-              weight_format: str = "fp32", attention: str = "sdpa", compute_dtype: str = "fp32",
-              config: Optional[dict] = None) -> dict:
-    """The plan for sampling on the CPU, where every block is in RAM: a JSON-friendly dict.
+def host_plan(run: PlanInputs, *, available_bytes: Optional[int]) -> dict:
+    """The plan for sampling ``run`` on the CPU, where every block is in RAM: a JSON-friendly dict.
 
     Keys as :func:`auto_plan` (``blocks_on_device`` = all, ``fits``, ``peak_bytes`` = RAM needed beyond
     the loaded weights, ``batch_cfg``, ``message``...) plus ``available_bytes`` and ``refuse`` (True when
     the estimate exceeds ``available_bytes`` by more than :data:`HOST_REFUSE_FACTOR`) and, when it does
     not fit, ``would_fit``: the most frames at this size and the largest size at these frames (same
-    aspect ratio) that do.  ``available_bytes`` None (unknown) never refuses.
+    aspect ratio) that do.  ``available_bytes`` None (unknown) never refuses.  ``run.blocks_on_device``
+    is not used (every block is in RAM).
     """
-    layers = weight_bytes(weight_format, compute_dtype, config)["layers"]
-    common = dict(weight_format=weight_format, attention=attention, compute_dtype=compute_dtype, config=config)
+    width, height, frames = run.width, run.height, run.frames
+    layers = weight_bytes(run.weight_format, run.compute_dtype, run.config)["layers"]
 
     def need(w: int, h: int, f: int, batch: int) -> int:
-        return host_activation_bytes(w, h, f, cfg_batch=batch, **common)
+        return host_activation_bytes(dataclasses.replace(run, width=w, height=h, frames=f, cfg_batch=batch))
 
-    batched = 2 if guided else 1
-    peak, batch_cfg = need(width, height, frames, batched), guided
-    if guided and available_bytes is not None and peak > available_bytes:  # as auto_plan: one branch at a time
-        peak, batch_cfg = need(width, height, frames, 1), False
+    peak, batch_cfg, fell_back = need(width, height, frames, run.cfg_batch), run.cfg_batch == 2, False
+    if batch_cfg and available_bytes is not None and peak > available_bytes:  # as auto_plan: one branch at a time
+        peak, batch_cfg, fell_back = need(width, height, frames, 1), False, True
     limit = available_bytes if available_bytes is not None else 1 << 62
     fits = peak <= limit
     refuse = available_bytes is not None and peak > HOST_REFUSE_FACTOR * available_bytes
     gb = human_bytes
-    cfg_note = "" if not guided else (" (CFG branches one after the other)" if not batch_cfg else "")
+    cfg_note = " (CFG branches one after the other)" if fell_back else ""
     plan_dict = {"blocks_on_device": layers, "num_blocks": layers, "streamed_blocks": 0, "copies_per_step": 0,
                  "fits": fits, "refuse": refuse, "peak_bytes": peak, "reserve_bytes": 0,
                  "free_bytes": available_bytes, "available_bytes": available_bytes, "batch_cfg": batch_cfg,
-                 "tokens": latent_tokens(width, height, frames), "weight_format": weight_format,
-                 "attention": attention}
+                 "tokens": latent_tokens(width, height, frames), "weight_format": run.weight_format,
+                 "attention": run.attention}
     if available_bytes is None:
         plan_dict["message"] = f"all {layers} blocks in RAM; the run needs about {gb(peak)} beyond the weights"
         return plan_dict
@@ -298,11 +324,13 @@ def host_plan(width: int, height: int, frames: int, *, available_bytes: Optional
         plan_dict["message"] = (f"all {layers} blocks in RAM; the run needs about {gb(peak)} beyond the weights, "
                                 f"{gb(available_bytes)} available{cfg_note}")
         return plan_dict
-    most_frames = next((f for f in range(frames - 17, 16, -17) if need(width, height, f, 1) <= limit), None)
+    chunk, cell = FRAME_CHUNK, SPATIAL_FACTOR
+    most_frames = next((f for f in range(frames - chunk, chunk - 1, -chunk) if need(width, height, f, 1) <= limit),
+                       None)
     largest = None
-    for step in range(max(width, height) // 16 - 1, 0, -1):  # the longer side in 16 px steps, same aspect ratio
-        scale = step * 16 / max(width, height)
-        w, h = max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
+    for step in range(max(width, height) // cell - 1, 0, -1):  # the longer side in 16 px steps, same aspect ratio
+        scale = step * cell / max(width, height)
+        w, h = max(cell, round(width * scale / cell) * cell), max(cell, round(height * scale / cell) * cell)
         if need(w, h, frames, 1) <= limit:
             largest = (w, h)
             break
@@ -314,5 +342,6 @@ def host_plan(width: int, height: int, frames: int, *, available_bytes: Optional
     plan_dict["would_fit"] = {"frames": most_frames, "size": list(largest) if largest else None}
     plan_dict["message"] = (f"does not fit in RAM: the run needs about {gb(peak)} beyond the weights"
                             f"{cfg_note}, {gb(available_bytes)} available; "
-                            + ("what fits: " + " or ".join(options) if options else "not even 16x16x17 fits"))
+                            + ("what fits: " + " or ".join(options) if options
+                               else f"not even {cell}x{cell}x{chunk} fits"))
     return plan_dict

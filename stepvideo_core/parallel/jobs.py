@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from ..sampling.settings import Placement, SamplingSettings
 from .context import ParallelContext
 from .layout import ParallelLayout
 
@@ -188,8 +189,8 @@ class RankRun:
         return found
 
 
-_SAMPLE_OWN = ("model", "positive", "negative", "device", "on_step", "should_stop", "cuda_api", "stats", "parallel",
-               "kept")
+_SAMPLE_OWN = ("model", "positive", "negative", "settings", "placement", "on_step", "should_stop", "stats")
+_PLACEMENT_OWN = ("device", "cuda_api", "kept", "parallel")  # a rank's own: its device, CUDA calls and context
 
 
 @dataclasses.dataclass
@@ -197,9 +198,12 @@ class SampleJob:
     """One :func:`~stepvideo_core.sampling.sample` call, run by every rank with its own ParallelContext.
 
     * ``positive`` / ``negative``: the conditioning dicts (CPU tensors; pickled to the workers);
-    * ``options``: the rest of ``sample``'s keyword arguments (size, steps, cfg, shift, seed,
-      ``blocks_on_device``, ``batch_cfg``, ``cache``, ``condition``, ``motion_score``, ...), the same
-      on every rank -- not the model, device or callbacks, which are each rank's own;
+    * ``settings``: the run's :class:`~stepvideo_core.sampling.SamplingSettings`, the same on every rank;
+    * ``placement``: the :class:`~stepvideo_core.sampling.Placement` every rank shares (``blocks_on_device``,
+      ``batch_cfg``, ``streamer_mode``) -- not the device, CUDA calls, kept weights or parallel context,
+      which are each rank's own;
+    * ``options``: the rest of ``sample``'s keyword arguments (``condition``, ``cache``, ``noise``), the
+      same on every rank -- not the callbacks or stats, which are each rank's own;
     * ``mode``: the parallel mode ("auto", "ulysses", "cfg"; see :meth:`ParallelLayout.choose`);
     * ``attention``: the attention backend each rank sets on its model first (None: leave it);
     * ``adapters``: LoRA entries each rank attaches for the run, and ``compile`` the
@@ -208,7 +212,9 @@ class SampleJob:
     """
 
     positive: Mapping
-    negative: Optional[Mapping] = None
+    negative: Optional[Mapping]
+    settings: SamplingSettings
+    placement: Placement = Placement()
     options: dict = dataclasses.field(default_factory=dict)
     mode: str = "auto"
     attention: Optional[str] = None
@@ -216,13 +222,14 @@ class SampleJob:
     compile: str = "off"
 
     def __post_init__(self):
-        own = sorted(set(self.options) & set(_SAMPLE_OWN))
+        own = sorted({*(set(self.options) & set(_SAMPLE_OWN)),
+                      *(name for name in _PLACEMENT_OWN if getattr(self.placement, name) is not None)})
         if own:
-            raise ValueError(f"SampleJob options must not set {own}: each rank passes its own")
+            raise ValueError(f"SampleJob must not set {own}: each rank passes its own")
 
     @property
     def guided(self) -> bool:
-        return float(self.options.get("cfg", 1.0)) > 1.0
+        return self.settings.guided
 
     def layout(self, world: int, heads: int) -> ParallelLayout:
         """How ``world`` ranks split this run (raises ParallelConfigError for a layout that cannot run)."""
@@ -239,13 +246,12 @@ class SampleJob:
             model.attention_backend = self.attention
         adapters = compiled = nullcontext()
         if self.adapters and not rank.wrapped:
-            adapters = attached(model, self.adapters, blocks_on_device=self.options.get("blocks_on_device"))
+            adapters = attached(model, self.adapters, blocks_on_device=self.placement.blocks_on_device)
         if self.compile != "off" and not rank.wrapped:
             compiled = compiled_blocks(model, self.compile, device=rank.device)
-        common = dict(self.options, device=rank.device, on_step=rank.on_step, cuda_api=rank.cuda_api,
-                      stats=rank.stats)
-        if ctx.layout.cfg > 1:  # each rank computes one half of the batched call: batch 1 per rank
-            common["batch_cfg"] = True
+        # CFG parallel: each rank computes one half of the batched call (batch 1 per rank)
+        placement = dataclasses.replace(self.placement, device=rank.device, cuda_api=rank.cuda_api, parallel=ctx,
+                                        batch_cfg=self.placement.batch_cfg or ctx.layout.cfg > 1)
         with adapters, compiled:
-            return core.sample(model, self.positive, self.negative, parallel=ctx, should_stop=rank.should_stop,
-                               **common)
+            return core.sample(model, self.positive, self.negative, settings=self.settings, placement=placement,
+                               on_step=rank.on_step, should_stop=rank.should_stop, stats=rank.stats, **self.options)

@@ -25,19 +25,19 @@ from __future__ import annotations
 import inspect
 import logging
 from contextlib import nullcontext
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional
 
 import torch
 
 from ..checks import NonFiniteError, count_non_finite, finite_float
 from ..dit.model import longest_context
 from ..lora.apply import attachment_of
-from ..offload.kept import KeptWeights
-from ..offload.streamer import BlockStreamer, SamplingInterrupted, TorchCuda
+from ..offload.streamer import BlockStreamer, SamplingInterrupted
 from ..parallel.dit import attach
 from .cache import CacheRun, StepCache
 from .noise import initial_noise, latent_shape
 from .schedule import DEFAULT_MOTION_SCORE, euler_step, flow_match_sigmas, guidance
+from .settings import Placement, SamplingSettings
 
 log = logging.getLogger("StepVideo")
 
@@ -179,38 +179,26 @@ def _concat(a: dict, b: dict) -> Optional[dict]:
 
 
 def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping] = None, *,
-           width: int, height: int, frames: int, steps: int, cfg: float, shift: float, seed: int = 0,
-           device: Union[str, torch.device, None] = None, blocks_on_device: Optional[int] = None,
-           batch_cfg: bool = True, noise: Optional[torch.Tensor] = None,
-           on_step: Optional[StepCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
-           streamer_mode: str = "auto", cuda_api: Optional[TorchCuda] = None,
-           condition: Optional[torch.Tensor] = None, motion_score: Optional[float] = None,
-           cache: Optional[StepCache] = None, stats: Optional[dict] = None,
-           kept: Optional[KeptWeights] = None, parallel=None) -> torch.Tensor:
+           settings: SamplingSettings, placement: Placement = Placement(), noise: Optional[torch.Tensor] = None,
+           condition: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None,
+           should_stop: Optional[Callable[[], bool]] = None, cache: Optional[StepCache] = None,
+           stats: Optional[dict] = None) -> torch.Tensor:
     """Generate latents: returns fp32 ``[B, frames/17*3, 64, height/16, width/16]`` on the CPU.
 
     * ``positive`` / ``negative``: dicts with ``encoder_hidden_states`` [B, S, 6144],
       ``encoder_hidden_states_2`` [B, 77, 1024] and ``encoder_attention_mask`` [B, 77+S].
-      Guidance runs when ``cfg > 1`` (as the official pipeline); it then needs ``negative``.
-    * ``batch_cfg``: both branches in one batch-2 call (official, bit-faithful) or in two
-      batch-1 calls (half the activation memory; results differ by float rounding only).
-    * ``seed`` draws bf16 noise on the CPU (same video on every machine); ``noise``
-      replaces it when given.
-    * ``device``: where the DiT computes (default: where its weights are);
-      ``blocks_on_device``: how many transformer blocks stay there, the others are
-      streamed in per call (None = all of them).
+      Guidance runs when ``settings.cfg > 1`` (as the official pipeline); it then needs ``negative``.
+    * ``settings``: what the run makes (:class:`~stepvideo_core.sampling.settings.SamplingSettings`:
+      size, steps, cfg, shift, seed, motion score); ``seed`` draws bf16 noise on the CPU (same video on
+      every machine); ``noise`` replaces it when given.
+    * ``placement``: where and how it computes (:class:`~stepvideo_core.sampling.settings.Placement`:
+      device, blocks kept there, batched CFG, the streamer's mode and CUDA calls, kept weights, the
+      parallel context); the default computes where the weights are, every block resident, CFG batched.
     * ``on_step(i, n, latents)`` after each step, i = completed steps (1..n), latents fp32
       [B, F, C, h, w]; ``should_stop()`` is polled before every step and every block, and
       a True answer raises :class:`SamplingInterrupted` after every weight is back home.
-    * ``streamer_mode`` / ``cuda_api``: passed to the
-      :class:`~stepvideo_core.offload.streamer.BlockStreamer` (``cuda_api`` None: torch.cuda's own
-      calls; a host such as ComfyUI passes one whose pinning stays within its pinned-memory budget).
-    * ``kept``: a :class:`~stepvideo_core.offload.kept.KeptWeights` the resident weights' device copies
-      are taken from and left in, so the next run uploads none (None: uploaded and dropped per run).
-      Pass one only when something can release it when the memory is wanted (ComfyUI's sampler node
-      registers it with ComfyUI's model management).
 
-    * ``condition`` / ``motion_score`` (Step-Video-TI2V only, required / default 5): the
+    * ``condition`` / ``settings.motion_score`` (Step-Video-TI2V only, required / default 5): the
       first-frame condition ``[1, F, 64, h, w]`` from :func:`~stepvideo_core.condition.image_condition`
       at this size, repeated to every row of every model call (both guidance branches see the
       image, as officially) and cast to the compute dtype; the motion score is passed to every
@@ -225,17 +213,21 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
       ``steps``, and ``ratios`` when the cache records them;
       :func:`~stepvideo_core.sampling.cache.summary` puts it in words.
 
-    * ``parallel``: a :class:`~stepvideo_core.parallel.ParallelContext`: this process is one rank of a
-      parallel run (Ulysses sequence parallel and/or CFG parallel, :func:`stepvideo_core.parallel.attach`).
-      Every rank calls with the same arguments and gets the same latents; ``should_stop`` is then
-      polled only before each step, and the ranks agree (any rank's stop stops all at the same step),
-      since a rank leaving between blocks would leave the others waiting in a collective.
+    * ``placement.parallel``: this process is one rank of a parallel run (Ulysses sequence parallel
+      and/or CFG parallel, :func:`stepvideo_core.parallel.attach`).  Every rank calls with the same
+      settings and gets the same latents; ``should_stop`` is then polled only before each step, and the
+      ranks agree (any rank's stop stops all at the same step), since a rank leaving between blocks
+      would leave the others waiting in a collective.
 
     Raises ValueError for a NaN/Inf ``cfg``, ``shift`` or ``motion_score``, for image inputs that do
     not fit the transformer (see :func:`check_image_inputs`), and :class:`NonFiniteError` when the
     conditioning or the image condition holds NaN/Inf or the latents turn non-finite after a step
     (naming the step).
     """
+    width, height, frames, steps, seed = (settings.width, settings.height, settings.frames, settings.steps,
+                                          settings.seed)
+    cfg, shift = settings.cfg, settings.shift
+    parallel, batch_cfg = placement.parallel, placement.batch_cfg
     cfg, shift = finite_float(cfg, "cfg"), finite_float(shift, "shift")
     _check_conditioning(positive, "positive")
     guided = cfg > 1.0
@@ -245,12 +237,12 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
         _check_conditioning(negative, "negative")
     should_stop = should_stop or (lambda: False)
     dtype = model.compute_dtype
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(placement.device) if placement.device is not None else next(model.parameters()).device
     batch = positive["encoder_hidden_states"].shape[0]
     shape = latent_shape(width, height, frames, batch, model.config.in_channels)
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {list(shape)} for {width}x{height}x{frames}, got {list(noise.shape)}")
-    motion_score = check_image_inputs(model, condition, motion_score, shape)
+    motion_score = check_image_inputs(model, condition, settings.motion_score, shape)
 
     sigmas = flow_match_sigmas(steps, shift, device=device)
     latents = (noise if noise is not None else initial_noise(shape, seed)).to(device)
@@ -265,12 +257,12 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
         image = {2 * batch: torch.cat([rows, rows])} if both is not None else {batch: rows.contiguous()}
         del rows
     calls_per_step = 2 if guided and both is None else 1
-    streamer_stop, placement = should_stop, nullcontext()
+    streamer_stop, sharding = should_stop, nullcontext()
     if parallel is not None:
         if parallel.layout.cfg > 1 and not (guided and both is not None):
             raise ValueError("CFG parallel computes the two branches of the batched [cond; uncond] call on two ranks: "
                              "it needs guidance (cfg > 1) with batched CFG")
-        local_stop, streamer_stop, placement = should_stop, None, attach(model, parallel)
+        local_stop, streamer_stop, sharding = should_stop, None, attach(model, parallel)
         should_stop = lambda: parallel.agree_to_stop(local_stop())  # noqa: E731 - every rank, every step
     run = CacheRun(cache if cache is not None else StepCache(), steps, calls_per_step, stats, model)
 
@@ -281,8 +273,9 @@ def sample(model: torch.nn.Module, positive: Mapping, negative: Optional[Mapping
         return model(hidden_states=x, timestep=timestep, **cond, condition_hidden_states=image[x.shape[0]],
                      motion_score=motion_score)
 
-    with torch.inference_mode(), placement, BlockStreamer(model, device, blocks_on_device, should_stop=streamer_stop,
-                                                          mode=streamer_mode, cuda_api=cuda_api, kept=kept):
+    with torch.inference_mode(), sharding, BlockStreamer(model, device, placement.blocks_on_device,
+                                                         should_stop=streamer_stop, mode=placement.streamer_mode,
+                                                         cuda_api=placement.cuda_api, kept=placement.kept):
         for i in range(steps):
             if should_stop():
                 raise SamplingInterrupted(f"interrupted before step {i + 1}/{steps}")

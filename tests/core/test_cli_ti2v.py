@@ -11,7 +11,7 @@ import torch
 from stepvideo_core import image_condition, image_from_file
 from stepvideo_core.cli import main
 from stepvideo_core.condition import image_noise_generator
-from stepvideo_core.pipeline import OFFICIAL_NEGATIVE, ModelFiles, StepVideoPipeline
+from stepvideo_core.pipeline import OFFICIAL_NEGATIVE, ModelFiles, StepVideoPipeline, VideoRequest
 from stepvideo_core.text.encoder import TI2V_MAGIC, TI2V_NEGATIVE_PROMPT
 from stepvideo_core.tiny import TI2V_TRANSFORMER_DIR, tiny_ti2v_transformer, write_tiny_image
 from stepvideo_core.video_io import read_video_info
@@ -128,25 +128,27 @@ def test_the_pipeline_defaults_follow_the_ti2v_preset(pipe, first_run, monkeypat
         raise RuntimeError("stop after the settings")
 
     monkeypatch.setattr(pipe, "encode", fake_encode)
-    monkeypatch.setattr(pipe, "check_memory", lambda **kw: seen.update(memory=kw))
+    monkeypatch.setattr(pipe, "check_memory", lambda settings: seen.update(memory=settings))
     with pytest.raises(RuntimeError, match="stop after the settings"):
-        pipe.generate("a cat", image=image, width=32, height=32)
-    assert seen["memory"] == dict(width=32, height=32, frames=102, guided=True)  # the TI2V preset's 102 frames
+        pipe.generate("a cat", video=VideoRequest(width=32, height=32), image=image)
+    memory = seen["memory"]
+    assert (memory.width, memory.height, memory.frames, memory.guided) == (32, 32, 102, True)  # TI2V's 102 frames
     assert seen["magic"] == TI2V_MAGIC and seen["negative"] == TI2V_NEGATIVE_PROMPT
     with pytest.raises(ValueError, match="motion_score must be a finite number"):
-        pipe.generate("a cat", image=image, width=32, height=32, frames=17, motion_score=float("nan"))
+        pipe.generate("a cat", video=VideoRequest(width=32, height=32, frames=17, motion_score=float("nan")),
+                      image=image)
     with pytest.raises(ValueError, match="needs a first-frame image"):
-        pipe.generate("a cat", OFFICIAL_NEGATIVE, width=32, height=32, frames=17)
+        pipe.generate("a cat", OFFICIAL_NEGATIVE, VideoRequest(width=32, height=32, frames=17))
 
 
 def test_the_pipeline_generates_from_an_image_tensor(pipe, first_run):
     """A short real run (1 step, no guidance): settings say TI2V, and the image changes the video."""
     *_, image = first_run
     pixels = image_from_file(image)
-    common = dict(width=32, height=32, frames=17, steps=1, cfg=1.0, seed=3)
-    result = pipe.generate("a cat", image=pixels, motion_score=2.0, **common)
+    video = VideoRequest(width=32, height=32, frames=17, steps=1, cfg=1.0, seed=3, motion_score=2.0)
+    result = pipe.generate("a cat", video=video, image=pixels)
     assert result.frames.shape == (17, 32, 32, 3) and result.frames.dtype == torch.uint8
     assert result.settings["mode"] == "ti2v" and result.settings["motion_score"] == 2.0
     assert result.settings["preset"] == "Step-Video-TI2V" and result.settings["image"] == "tensor"
-    other = pipe.generate("a cat", image=-pixels, motion_score=2.0, **common)
+    other = pipe.generate("a cat", video=video, image=-pixels)
     assert not torch.equal(result.frames, other.frames)

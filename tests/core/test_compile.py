@@ -41,7 +41,7 @@ from stepvideo_core import fp8, load_transformer
 from stepvideo_core.compile import CompileSettings, compiled_blocks, diagnose
 from stepvideo_core.dit.blocks import StepVideoBlock
 from stepvideo_core.lora import LoraEntry, attached, load_lora
-from stepvideo_core.sampling import sample
+from stepvideo_core.sampling import Placement, SamplingSettings, sample
 from stepvideo_core.tiny import TINY_DIT_CONFIG, write_tiny_dit, write_tiny_lora
 from tests.capabilities import needs_cpu_fp8_matmul, require_inductor
 from tests.core.sampling.conftest import conditioning, tiny_model
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BOUND = 1e-5        # relative Frobenius error, compiled vs eager
 ABS_BOUND = 1e-4    # max |diff|
-RUN = dict(width=32, height=32, frames=17, steps=3, cfg=5.0, shift=13.0, seed=0)
+RUN = SamplingSettings(width=32, height=32, frames=17, steps=3, cfg=5.0, shift=13.0, seed=0)
 THREE_BLOCKS = dict(TINY_DIT_CONFIG, num_layers=3)
 
 
@@ -76,15 +76,16 @@ class CountingBackend:
         return gm.forward
 
 
-def run(model, compile_settings, runs=1, **kwargs):
-    """``runs`` sampler runs of ``model`` under ``compile_settings``; returns (latents per run, CompiledBlocks per run)."""
+def run(model, compile_settings, runs=1, *, pos=None, neg=None, lora=None, on_step=None, **placement):
+    """``runs`` sampler runs of ``model`` under ``compile_settings``; returns (latents per run, CompiledBlocks per run).
+
+    ``placement``: the :class:`Placement` fields of the runs (block streaming, CFG batching)."""
     outs, states = [], []
-    pos, neg = kwargs.pop("pos", None) or conditioning(1, valid=5), kwargs.pop("neg", None) or conditioning(2, valid=2)
-    lora = kwargs.pop("lora", None)
+    pos, neg = pos or conditioning(1, valid=5), neg or conditioning(2, valid=2)
     for _ in range(runs):
-        adapters = attached(model, lora or [], blocks_on_device=kwargs.get("blocks_on_device"))
+        adapters = attached(model, lora or [], blocks_on_device=placement.get("blocks_on_device"))
         with adapters, compiled_blocks(model, compile_settings, device="cpu") as compiled:
-            outs.append(sample(model, pos, neg, **dict(RUN, **kwargs)))
+            outs.append(sample(model, pos, neg, settings=RUN, placement=Placement(**placement), on_step=on_step))
         states.append(compiled)
     return outs, states
 

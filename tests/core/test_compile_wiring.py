@@ -12,6 +12,7 @@ from stepvideo_core import cli
 from stepvideo_core import pipeline as pipeline_mod
 from stepvideo_core.compile import CompileSettings
 from stepvideo_core.pipeline import ModelFiles, StepVideoPipeline
+from stepvideo_core.sampling import SamplingSettings
 from stepvideo_core.tiny import cached_tiny_release
 from stepvideo_core.video_io import read_video_info
 from tests.capabilities import require_inductor
@@ -73,15 +74,15 @@ def test_pipeline_sample_runs_the_blocks_compiled(release):
         return gm.forward
 
     files = ModelFiles.from_release(release, tiny=True)
-    run = dict(width=32, height=32, frames=17, steps=3, cfg=5.0, shift=13.0, seed=1)
+    run = SamplingSettings(width=32, height=32, frames=17, steps=3, cfg=5.0, shift=13.0, seed=1)
     pos, neg = conditioning(1, valid=5), conditioning(2, valid=2)
-    eager, _ = StepVideoPipeline(files, device="cpu").sample(pos, neg, **run)
+    eager, _ = StepVideoPipeline(files, device="cpu").sample(pos, neg, run)
     pipe = StepVideoPipeline(files, device="cpu", compile=CompileSettings(mode="blocks", backend=counting))
     for _ in range(2):
-        latents, _ = pipe.sample(pos, neg, **run)
+        latents, _ = pipe.sample(pos, neg, run)
         assert float((latents - eager).norm() / eager.norm()) <= 1e-5
         state = pipe.last_compile
-        assert state.fallback is None and state.compiled_calls == 2 * (run["steps"] - 1)  # 2 blocks; step 1 eager
+        assert state.fallback is None and state.compiled_calls == 2 * (run.steps - 1)  # 2 blocks; step 1 eager
     assert len(graphs) == 1
 
 

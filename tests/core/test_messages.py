@@ -24,7 +24,7 @@ from stepvideo_core import build_transformer, load_step_llm, load_transformer
 from stepvideo_core.checkpoint import CheckpointError
 from stepvideo_core.cli import parse_lora
 from stepvideo_core.lora import LoraError, load_lora
-from stepvideo_core.pipeline import ModelFiles, StepVideoPipeline
+from stepvideo_core.pipeline import ModelFiles, StepVideoPipeline, VideoRequest
 from stepvideo_core.text.clip import load_hunyuan_clip
 from stepvideo_core.tiny import (TINY_DIT_CONFIG, TINY_RELEASE_DIT_CONFIG, cached_tiny_release, write_tiny_dit,
                                  write_tiny_hunyuan_clip, write_tiny_lora, write_tiny_step_llm)
@@ -95,7 +95,7 @@ def test_pipeline_reads_each_adapter_once(release, tmp_path, monkeypatch):
     monkeypatch.setattr(adapter_mod, "read_adapter", lambda path: reads.append(path) or real(path))
     pipe = StepVideoPipeline(ModelFiles.from_release(release), device="cpu", loras=[(good, 1.0)])
     for _ in range(2):  # the DiT is loaded and dropped twice; the adapter is read once
-        pipe.generate("a cat", cfg=1.0, steps=1, width=16, height=16, frames=17)
+        pipe.generate("a cat", video=VideoRequest(cfg=1.0, steps=1, width=16, height=16, frames=17))
     assert reads == [good]
 
 

@@ -17,7 +17,7 @@ from stepvideo_core import load_transformer
 from stepvideo_core.checkpoint import CheckpointError
 from stepvideo_core.checks import count_non_finite, finite_float
 from stepvideo_core.lora import LoraEntry, LoraError, attached, load_lora
-from stepvideo_core.sampling import NonFiniteError, resolve_settings, sample
+from stepvideo_core.sampling import NonFiniteError, SamplingSettings, resolve_settings, sample
 from stepvideo_core.tiny import tiny_dit_state_dict, tiny_lora, write_tiny_lora
 from tests.core.sampling.conftest import conditioning, tiny_model
 
@@ -84,9 +84,9 @@ def test_resolve_settings_refuses_non_finite_values(field, value):
 
 def test_sample_refuses_a_nan_cfg_instead_of_silently_dropping_guidance(dit):
     with pytest.raises(ValueError, match="cfg must be a finite number, got nan"):
-        sample(dit, conditioning(1), conditioning(2), **SIZE, steps=1, cfg=NAN, shift=13.0)
+        sample(dit, conditioning(1), conditioning(2), settings=SamplingSettings(**SIZE, steps=1, cfg=NAN, shift=13.0))
     with pytest.raises(ValueError, match="shift must be a finite number, got nan"):
-        sample(dit, conditioning(1), None, **SIZE, steps=1, cfg=1.0, shift=NAN)
+        sample(dit, conditioning(1), None, settings=SamplingSettings(**SIZE, steps=1, cfg=1.0, shift=NAN))
 
 
 def test_lora_entry_refuses_a_nan_strength(dit, tmp_path):
@@ -191,7 +191,8 @@ def test_sampler_stops_at_the_step_that_went_non_finite(dit, cfg):
     handle = nan_from_call(dit, 2)  # one model call per step (CFG batched)
     try:
         with pytest.raises(NonFiniteError) as err:
-            sample(dit, conditioning(1), conditioning(2), **SIZE, steps=3, cfg=cfg, shift=13.0,
+            sample(dit, conditioning(1), conditioning(2),
+                   settings=SamplingSettings(**SIZE, steps=3, cfg=cfg, shift=13.0),
                    on_step=lambda i, n, latents: seen.append(i))
     finally:
         handle.remove()
@@ -207,7 +208,7 @@ def test_the_causes_this_run_has_are_marked(tmp_path):
     handle = nan_from_call(half, 1)
     try:
         with attached(half, [load_lora(path, half)], mode="on_the_fly"), pytest.raises(NonFiniteError) as err:
-            sample(half, conditioning(1), None, **SIZE, steps=2, cfg=1.0, shift=13.0)
+            sample(half, conditioning(1), None, settings=SamplingSettings(**SIZE, steps=2, cfg=1.0, shift=13.0))
     finally:
         handle.remove()
     message = str(err.value)
@@ -222,13 +223,14 @@ def test_sampler_checks_the_conditioning_once_before_the_first_step(dit):
     handle = dit.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         with pytest.raises(NonFiniteError, match="negative conditioning encoder_hidden_states_2 holds 1 NaN/Inf"):
-            sample(dit, conditioning(1), bad, **SIZE, steps=2, cfg=5.0, shift=13.0)
-        sample(dit, conditioning(1), bad, **SIZE, steps=1, cfg=1.0, shift=13.0)  # unguided: negative unused
+            sample(dit, conditioning(1), bad, settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=13.0))
+        sample(dit, conditioning(1), bad,
+               settings=SamplingSettings(**SIZE, steps=1, cfg=1.0, shift=13.0))  # unguided: negative unused
     finally:
         handle.remove()
     assert calls == [1]
 
 
 def test_a_finite_run_is_not_disturbed(dit):
-    out = sample(dit, conditioning(1), conditioning(2), **SIZE, steps=2, cfg=5.0, shift=13.0)
+    out = sample(dit, conditioning(1), conditioning(2), settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=13.0))
     assert math.isfinite(float(out.abs().max()))

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from stepvideo_core import NEGATIVE_PROMPT, CheckpointError
-from stepvideo_core.pipeline import ModelFiles, StepVideoPipeline, plan_blocks, resolve_preset
-from stepvideo_core.sampling import SizeError
+from stepvideo_core.pipeline import ModelFiles, StepVideoPipeline, VideoRequest, resolve_preset
+from stepvideo_core.sampling import SamplingSettings, SizeError
+from stepvideo_core.sampling.run import DiTSetup, plan_blocks
 from stepvideo_core.tiny import TINY_RELEASE_DIT_CONFIG, cached_tiny_release, tiny_release_key
 
 SIZE = dict(width=32, height=32, frames=17)
@@ -68,22 +69,23 @@ def test_presets_and_plans():
     from stepvideo_core.dit import StepVideoDiTConfig
 
     config = StepVideoDiTConfig()  # the released 30B model: 48 blocks
-    common = dict(compute_dtype=torch.bfloat16, attention="sdpa", width=992, height=544, frames=204, guided=True)
-    assert plan_blocks(config, device=torch.device("cpu"), weight_format="full", **common)["blocks_on_device"] == 48
+    run = SamplingSettings(992, 544, 204, steps=50, cfg=9.0, shift=13.0)
+    full, fp8_weights = DiTSetup(torch.bfloat16), DiTSetup(torch.bfloat16, weight_format="fp8_scaled")
+    assert plan_blocks(config, full, run, device=torch.device("cpu"))["blocks_on_device"] == 48
     gib = 1 << 30
-    fp8 = plan_blocks(config, device=torch.device("cuda"), weight_format="fp8_scaled", free_bytes=22 * gib, **common)
-    bf16 = plan_blocks(config, device=torch.device("cuda"), weight_format="full", free_bytes=22 * gib, **common)
+    fp8 = plan_blocks(config, fp8_weights, run, device=torch.device("cuda"), free_bytes=22 * gib)
+    bf16 = plan_blocks(config, full, run, device=torch.device("cuda"), free_bytes=22 * gib)
     assert bf16["fits"] and fp8["fits"] and bf16["blocks_on_device"] < fp8["blocks_on_device"] < 48
-    fixed = plan_blocks(config, device=torch.device("cuda"), weight_format="full", free_bytes=22 * gib,
-                        blocks_on_device=3, **common)
+    fixed = plan_blocks(config, DiTSetup(torch.bfloat16, blocks_on_device=3), run, device=torch.device("cuda"),
+                        free_bytes=22 * gib)
     assert fixed["blocks_on_device"] == 3
     with pytest.raises(ValueError, match="blocks_on_device"):
-        plan_blocks(config, device=torch.device("cuda"), weight_format="full", blocks_on_device="most", **common)
+        DiTSetup(torch.bfloat16, blocks_on_device="most")
 
 
 def test_generate_gives_uint8_frames_and_checks_first(pipe):
     steps = []
-    result = pipe.generate(PROMPT, preset="turbo", steps=2, seed=5, **SIZE,
+    result = pipe.generate(PROMPT, video=VideoRequest(preset="turbo", steps=2, seed=5, **SIZE),
                            progress=lambda phase, total: (lambda done, n: steps.append((phase, done, n))))
     assert result.frames.dtype == torch.uint8 and tuple(result.frames.shape) == (17, 32, 32, 3)
     assert result.settings["cfg"] == 5.0 and result.settings["shift"] == 17.0 and result.settings["steps"] == 2
@@ -93,19 +95,19 @@ def test_generate_gives_uint8_frames_and_checks_first(pipe):
     assert text_steps[-1][1] == text_steps[-1][2]  # both prompts encoded, the bar ends full
     assert pipe._transformer is None and pipe._vae is None  # freed on return (keep_models off)
     with pytest.raises(SizeError, match="nearest valid: 16 or 32"):
-        pipe.generate(PROMPT, width=20, height=32, frames=17)
+        pipe.generate(PROMPT, video=VideoRequest(width=20, height=32, frames=17))
     with pytest.raises(ValueError, match="steps"):
-        pipe.generate(PROMPT, steps=0, **SIZE)
+        pipe.generate(PROMPT, video=VideoRequest(steps=0, **SIZE))
 
 
 def test_without_guidance_the_negative_prompt_is_not_encoded(pipe, release):
     pos, neg, _ = pipe.encode(PROMPT, None)
     assert neg is None and pos["encoder_hidden_states"].shape[0] == 1
     keeping = StepVideoPipeline(ModelFiles.from_release(release), device="cpu", keep_models=True)
-    result = keeping.generate(PROMPT, cfg=1.0, steps=1, **SIZE)
+    result = keeping.generate(PROMPT, video=VideoRequest(cfg=1.0, steps=1, **SIZE))
     assert result.settings["negative"] is None and result.frames.shape[0] == 17
     model = keeping.transformer()
-    keeping.generate(PROMPT, cfg=1.0, steps=1, **SIZE)
+    keeping.generate(PROMPT, video=VideoRequest(cfg=1.0, steps=1, **SIZE))
     assert keeping.transformer() is model  # kept, not loaded again
 
 
@@ -130,7 +132,7 @@ def test_same_tensors_as_the_node_graph(pipe, release, pack, models_dir):
     ours_pos, ours_neg, _ = pipe.encode(PROMPT, NEGATIVE_PROMPT)
     for key, value in pos.dit_inputs().items():
         assert torch.equal(value, ours_pos[key]) and torch.equal(neg.dit_inputs()[key], ours_neg[key])
-    latents, _ = pipe.sample(ours_pos, ours_neg, **run)
+    latents, _ = pipe.sample(ours_pos, ours_neg, SamplingSettings(**run))
     assert torch.equal(latent["samples"], latents.transpose(1, 2))
     frames = pipe.decode(latents)
     assert frames.shape == images.shape and (images * 255 - frames.float()).abs().max() <= 1.0
@@ -143,11 +145,11 @@ def test_loras_are_applied_per_run_and_the_base_comes_back(release, tmp_path):
     lora, _ = write_tiny_lora(tmp_path / "style.safetensors", config=TINY_RELEASE_DIT_CONFIG, keys="comfy",
                               alpha=4.0, seed=3)
     files = ModelFiles.from_release(release)
-    run = dict(cfg=1.0, steps=2, seed=7, **SIZE)
+    run = VideoRequest(cfg=1.0, steps=2, seed=7, **SIZE)
     plain = StepVideoPipeline(files, device="cpu", keep_models=True)
     styled = StepVideoPipeline(files, device="cpu", keep_models=True, loras=[(lora, 8.0)])
-    base = plain.generate(PROMPT, **run).frames
-    first, second = styled.generate(PROMPT, **run).frames, styled.generate(PROMPT, **run).frames
+    base = plain.generate(PROMPT, video=run).frames
+    first, second = styled.generate(PROMPT, video=run).frames, styled.generate(PROMPT, video=run).frames
     assert not torch.equal(first, base) and torch.equal(first, second)  # applied, and identical run to run
     reference = plain.transformer().state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in styled.transformer().state_dict().items())  # base restored

@@ -21,7 +21,7 @@ from stepvideo_core import convert, fp8, load_transformer
 from stepvideo_core.cli import smoke_inputs
 from stepvideo_core.lora import LoraEntry, attached, load_lora
 from stepvideo_core.offload import BlockStreamer
-from stepvideo_core.sampling import sample
+from stepvideo_core.sampling import Placement, SamplingSettings, sample
 from stepvideo_core.tiny import TINY_TI2V_DIT_CONFIG, tiny_lora, write_tiny_dit
 from tests.capabilities import needs_cpu_fp8_matmul
 from tests.core.lora.conftest import expected_state, rel, run, same, snapshot
@@ -110,7 +110,8 @@ def cond():
 @pytest.fixture(scope="module")
 def resident(five, cond):
     """The reference: an unstreamed deep copy, sampled with every block in place."""
-    return sample(copy.deepcopy(five), *cond, **RUN, condition=image_latent(), streamer_mode="none")
+    return sample(copy.deepcopy(five), *cond, settings=SamplingSettings(**RUN),
+                  placement=Placement(streamer_mode="none"), condition=image_latent())
 
 
 def homes(model):
@@ -120,8 +121,8 @@ def homes(model):
 @pytest.mark.parametrize("blocks_on_device", [0, 1, 3])
 def test_streamed_ti2v_is_bit_identical(five, cond, resident, blocks_on_device):
     before = homes(five)
-    out = sample(five, *cond, **RUN, condition=image_latent(), blocks_on_device=blocks_on_device,
-                 streamer_mode="copy")
+    out = sample(five, *cond, settings=SamplingSettings(**RUN),
+                 placement=Placement(blocks_on_device=blocks_on_device, streamer_mode="copy"), condition=image_latent())
     assert torch.equal(out, resident)
     assert homes(five) == before
 
@@ -130,8 +131,9 @@ def test_streamed_fp8_ti2v_is_bit_identical(tmp_path, cond):
     src = write_tiny_dit(tmp_path / "sv", config=FIVE)
     q = load_transformer(src, dtype=torch.float32, weight_format="fp8_scaled")
     fp8.set_matmul_mode(q, "dequantize")  # every torch has this path
-    whole = sample(q, *cond, **RUN, condition=image_latent())
-    streamed = sample(q, *cond, **RUN, condition=image_latent(), blocks_on_device=1, streamer_mode="copy")
+    whole = sample(q, *cond, settings=SamplingSettings(**RUN), condition=image_latent())
+    streamed = sample(q, *cond, settings=SamplingSettings(**RUN),
+                      placement=Placement(blocks_on_device=1, streamer_mode="copy"), condition=image_latent())
     assert torch.equal(streamed, whole)
 
 

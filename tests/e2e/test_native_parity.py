@@ -21,6 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "stepvideo_scheduler.safetensors"
 
 
+def guided(nat, steps):
+    """The core sampler's settings of these parity runs: SIZE, cfg 9, shift 13, seed 3 (the seed the
+    native runs use; a run given its own noise ignores it)."""
+    return nat.core.SamplingSettings(**SIZE, steps=steps, cfg=9.0, shift=13.0, seed=3)
+
+
 def native_cond(nat, cond):
     return nat.model.native_conditioning(cond)
 
@@ -108,7 +114,7 @@ def test_sampler_custom_advanced_equals_step_video_sampler_fp32(nat, custom, fp3
     native_out = custom_advanced(nat, custom, patcher, steps, 9.0, 13.0, seed=3)
     node_out = step_video_sampler(nat, dit, steps, 9.0, 13.0, seed=3)
     pos, neg = prompts()
-    core_out = nat.core.sample(dit, pos, neg, **SIZE, steps=steps, cfg=9.0, shift=13.0, seed=3).movedim(1, 2)
+    core_out = nat.core.sample(dit, pos, neg, settings=guided(nat, steps)).movedim(1, 2)
     assert torch.equal(node_out, core_out)
     assert native_out.shape == core_out.shape == (1, 64, 3, 3, 2)
     assert rel(native_out, core_out) <= 1e-5
@@ -143,18 +149,17 @@ def test_bf16_difference_is_cfg_in_fp32_then_bf16_rounding_of_the_latents(nat, c
     one = custom_advanced(nat, custom, patcher, 1, 9.0, 13.0, seed=3)
     assert torch.equal(one, hybrid_reference(nat, dit, 1, 9.0, 13.0, seed=3))
     pos, neg = prompts()
-    official_one = nat.core.sample(dit, pos, neg, **SIZE, steps=1, cfg=9.0, shift=13.0, seed=3).movedim(1, 2)
+    official_one = nat.core.sample(dit, pos, neg, settings=guided(nat, 1)).movedim(1, 2)
     assert 0 < rel(one, official_one) < 0.02
 
     steps = 3
     native_out = custom_advanced(nat, custom, patcher, steps, 9.0, 13.0, seed=3)
     assert rel(native_out, hybrid_reference(nat, dit, steps, 9.0, 13.0, seed=3)) < 0.05
-    official = nat.core.sample(dit, pos, neg, **SIZE, steps=steps, cfg=9.0, shift=13.0, seed=3).movedim(1, 2)
-    reference32 = nat.core.sample(core_dit(nat), pos, neg, **SIZE, steps=steps, cfg=9.0, shift=13.0,
-                                  seed=3).movedim(1, 2)
+    official = nat.core.sample(dit, pos, neg, settings=guided(nat, steps)).movedim(1, 2)
+    reference32 = nat.core.sample(core_dit(nat), pos, neg, settings=guided(nat, steps)).movedim(1, 2)
     noise = nat.core.sampling.initial_noise((1, 3, 64, 3, 2), 3).float()
     nudged = noise * (1 + 1e-7 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(9)))
-    sensitivity = rel(nat.core.sample(dit, pos, neg, **SIZE, steps=steps, cfg=9.0, shift=13.0, noise=nudged)
+    sensitivity = rel(nat.core.sample(dit, pos, neg, settings=guided(nat, steps), noise=nudged)
                       .movedim(1, 2), official)
     assert rel(native_out, official) < 3 * sensitivity + 1e-3
     # and the native bf16 video is no further from the fp32 reference than the pack's own bf16 one, give or take
@@ -190,8 +195,8 @@ def release_vae(nat, tmp_path_factory):
     vae_mod = nat.vae
     path = nat.tiny.write_tiny_vae(tmp_path_factory.mktemp("vae"))
     vae = nat.core.load_vae(path, dtype=torch.float32, device="cpu")
-    handle = vae_mod.StepVideoVAEHandle(vae=vae, dtype=torch.float32, device=torch.device("cpu"),
-                                        offload_device=torch.device("cpu"), source=Path(path))
+    handle = nat.types.StepVideoVAEHandle(vae=vae, dtype=torch.float32, device=torch.device("cpu"),
+                                          offload_device=torch.device("cpu"), source=Path(path))
     return vae_mod, handle, dict(nat.tiny.TINY_RELEASE_DIT_CONFIG)
 
 

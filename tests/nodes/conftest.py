@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -60,11 +61,17 @@ def fake_gpu(bridge, monkeypatch):
     return setup
 
 
+def fields(settings) -> dict:
+    """A dataclass's fields by name, the values themselves (not deep copies, as dataclasses.asdict makes)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
 @pytest.fixture
 def sample_calls(pack, sampler_mod, monkeypatch):
     """Spy on the core ``sample`` the sampler node calls; returns the list of recorded calls.
 
-    Each call is recorded as its keyword arguments plus ``"streamer"``: the
+    Each call is recorded as its keyword arguments, with the fields of its ``settings`` and ``placement``
+    spelled out (``frames``, ``device``, ``blocks_on_device``, ``kept``...), plus ``"streamer"``: the
     :class:`~stepvideo_core.offload.BlockStreamer` the core sampler built for it (its ``resident``,
     ``streamed``, ``mode`` and ``trace`` tell what was really streamed).  The real sampler then runs:
     a handle on a fake ``cuda`` device (see :func:`fake_gpu`) computes on the CPU instead, with the
@@ -80,15 +87,15 @@ def sample_calls(pack, sampler_mod, monkeypatch):
             super().__init__(*args, **kwargs)
             calls[-1]["streamer"] = self
 
-    def spy(transformer, positive, negative=None, **kwargs):
-        calls.append(dict(kwargs, streamer=None))
+    def spy(transformer, positive, negative=None, *, settings, placement, **kwargs):
+        calls.append(dict(kwargs, **fields(settings), **fields(placement), streamer=None))
         if next(transformer.parameters()).is_meta:
             b = positive["encoder_hidden_states"].shape[0]
-            return torch.zeros(b, kwargs["frames"] // 17 * 3, transformer.config.in_channels,
-                               kwargs["height"] // 16, kwargs["width"] // 16)
-        if torch.device(kwargs["device"]).type != "cpu":
-            kwargs = dict(kwargs, device=torch.device("cpu"), streamer_mode="copy")
-        return real_sample(transformer, positive, negative, **kwargs)
+            return torch.zeros(b, settings.frames // 17 * 3, transformer.config.in_channels,
+                               settings.height // 16, settings.width // 16)
+        if torch.device(placement.device).type != "cpu":
+            placement = dataclasses.replace(placement, device=torch.device("cpu"), streamer_mode="copy")
+        return real_sample(transformer, positive, negative, settings=settings, placement=placement, **kwargs)
 
     monkeypatch.setattr(core, "BlockStreamer", RecordingStreamer)
     monkeypatch.setattr(sampler_mod, "sample", spy)

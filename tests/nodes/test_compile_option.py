@@ -47,16 +47,19 @@ def test_loader_puts_the_choice_on_the_handle(model_mod, models_dir):
         loader.load(model="tiny", weight_dtype="fp32", attention="sdpa", compile="model")
 
 
-def test_sampler_compiles_per_run_when_the_handle_says_so(sampler_mod, types_mod, compile_mod, dit, monkeypatch):
+def test_sampler_compiles_per_run_when_the_handle_says_so(pack, sampler_mod, types_mod, compile_mod, dit,
+                                                          monkeypatch):
     """The sampler hands the handle's choice to compiled_blocks (here with a counting backend instead of inductor:
-    dynamo's graph, run as traced), the blocks run compiled, and the summary says so."""
+    dynamo's graph, run as traced), the blocks run compiled, and the summary says so.  The call is made by the
+    core's sampling run (stepvideo_core.sampling.run), which the node and the pipeline share."""
+    run_mod = sys.modules[f"{pack.__name__}.stepvideo_core.sampling.run"]
     seen, graphs = [], []
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    real = sampler_mod.compiled_blocks
+    real = run_mod.compiled_blocks
 
     def spy(transformer, choice, device=None):
         seen.append(choice)
@@ -65,7 +68,7 @@ def test_sampler_compiles_per_run_when_the_handle_says_so(sampler_mod, types_mod
             settings = dataclasses.replace(settings, backend=counting)
         return real(transformer, settings, device=device)
 
-    monkeypatch.setattr(sampler_mod, "compiled_blocks", spy)
+    monkeypatch.setattr(run_mod, "compiled_blocks", spy)
     base = dict(transformer=dit, dtype=torch.float32, device=torch.device("cpu"), offload_device=torch.device("cpu"),
                 attention="sdpa", source=Path("tiny"))
     args = dict(positive=conditioning(1), negative=conditioning(2), preset="Step-Video-T2V-Turbo", **SIZE, steps=3,

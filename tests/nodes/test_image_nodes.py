@@ -93,15 +93,16 @@ def condition_of(types_mod, motion=5.0, seed=4, **size):
 
 def test_sampler_passes_the_condition_and_motion_score_to_the_core(pack, sampler_mod, types_mod, ti2v_dit,
                                                                    sample_calls):
-    from stepvideo_core import sample
+    from stepvideo_core import SamplingSettings, sample
 
     cond = condition_of(types_mod, motion=6.5)
     out = run(sampler_mod, handle_of(types_mod, ti2v_dit), cond)
     (call,) = sample_calls
     assert call["condition"] is cond.latent and call["motion_score"] == 6.5
     assert "image-to-video, motion score 6.5" in out["ui"]["text"][0]
-    expected = sample(ti2v_dit, conditioning(1), conditioning(2), **SIZE, steps=2, cfg=9.0, shift=13.0, seed=3,
-                      condition=cond.latent, motion_score=6.5)
+    expected = sample(ti2v_dit, conditioning(1), conditioning(2),
+                      settings=SamplingSettings(**SIZE, steps=2, cfg=9.0, shift=13.0, seed=3, motion_score=6.5),
+                      condition=cond.latent)
     assert torch.equal(out["result"][0]["samples"], expected.movedim(1, 2))
 
 

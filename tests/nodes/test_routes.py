@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stepvideo_core.offload import auto_plan
+from stepvideo_core.offload import PlanInputs, auto_plan
 from stepvideo_core.offload.planner import GiB
 from stepvideo_core.tiny import TINY_DIT_CONFIG, write_tiny_dit
 
@@ -76,8 +76,8 @@ def test_bad_queries_are_answered_with_400_and_a_reason(routes, query, message):
 
 def test_gpu_plan_is_the_planners_with_free_plus_freeable_memory(routes):
     body = plan_for(routes, {"weight_dtype": "bf16"}, RTX4090)
-    expected = auto_plan(992, 544, 204, free_bytes=23 * GiB, weight_format="bf16", compute_dtype="bf16",
-                         attention="sdpa", guided=True)
+    expected = auto_plan(PlanInputs(992, 544, 204, weight_format="bf16", compute_dtype="bf16", attention="sdpa"),
+                         free_bytes=23 * GiB)
     assert body["plan"] == expected
     assert body["fits"] is True and body["plan"]["blocks_on_device"] < 48
     assert (body["weight_format"], body["compute_dtype"]) == ("bf16", "bf16")
@@ -219,7 +219,7 @@ def test_add_route_registers_once_and_answers_json(bridge, monkeypatch):
     instance = types.SimpleNamespace(routes=fake_routes)
     server = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=instance))
     monkeypatch.setitem(bridge._MODULES, "server", server)
-    monkeypatch.setattr(bridge, "_ROUTES", set())
+    monkeypatch.setattr(bridge.server, "_ROUTES", set())
 
     def handler(query):
         if query.get("boom"):
@@ -264,7 +264,7 @@ def test_device_memory_reads_comfyui_and_this_process_usage(bridge, monkeypatch)
 
 def test_pack_import_registers_nothing_outside_comfyui(pack):
     bridge = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
-    assert bridge._prompt_server() is None or "server" in sys.modules
+    assert bridge.server._prompt_server() is None or "server" in sys.modules
 
 
 # ----------------------------------------------------------------------------- web fixtures

@@ -60,15 +60,20 @@ def kept_mod(pack):
 
 @pytest.fixture
 def planned(sampler_mod, monkeypatch):
-    """The free bytes each of the node's plan calls was given."""
+    """The free bytes the node's ``make_room`` gave each GPU plan."""
     seen = []
-    real = sampler_mod.core_plan_blocks
+    real = sampler_mod.make_room
 
-    def spy(config, **kwargs):
-        seen.append(kwargs.get("free_bytes"))
-        return real(config, **kwargs)
+    def spy(*args, **kwargs):
+        room = real(*args, **kwargs)
 
-    monkeypatch.setattr(sampler_mod, "core_plan_blocks", spy)
+        def recorded(need):
+            seen.append(room(need))
+            return seen[-1]
+
+        return recorded
+
+    monkeypatch.setattr(sampler_mod, "make_room", spy)
     return seen
 
 
@@ -130,14 +135,14 @@ def test_nothing_is_kept_outside_comfyui_or_on_the_cpu(sampler_mod, types_mod, k
     fake_gpu(80 * GiB)  # a GPU, but no ComfyUI: nobody could evict kept weights
     transformer = build_meta_30b()
     run_30b(sampler_mod, big_handle(types_mod, transformer))
-    assert "kept" not in sample_calls[-1] and kept_mod.kept_weights_of(transformer) is None
+    assert sample_calls[-1]["kept"] is None and kept_mod.kept_weights_of(transformer) is None
     run(sampler_mod, base, conditioning(1), conditioning(2))  # the CPU: weights compute where they rest
-    assert "kept" not in sample_calls[-1]
+    assert sample_calls[-1]["kept"] is None
 
 
 def test_nothing_is_kept_on_the_cpu_inside_comfyui(sampler_mod, base, comfy, sample_calls):
     run(sampler_mod, base, conditioning(1), conditioning(2))
-    assert "kept" not in sample_calls[-1] and not [c for c in comfy.calls if c[0] == "load_models_gpu"]
+    assert sample_calls[-1]["kept"] is None and not [c for c in comfy.calls if c[0] == "load_models_gpu"]
 
 
 def bridge_loaded(sampler_mod, patcher) -> bool:

@@ -13,9 +13,9 @@ from tests.nodes.test_sampler_node import run
 
 @pytest.fixture
 def ram(pack, monkeypatch):
-    """Set the RAM the core sees as available (bytes)."""
-    pipeline = sys.modules[f"{pack.__name__}.stepvideo_core.pipeline"]
-    return lambda nbytes: monkeypatch.setattr(pipeline, "available_host_bytes", lambda: nbytes)
+    """Set the RAM the core's sampling-run planner sees as available (bytes)."""
+    planning = sys.modules[f"{pack.__name__}.stepvideo_core.sampling.run"]
+    return lambda nbytes: monkeypatch.setattr(planning, "available_host_bytes", lambda: nbytes)
 
 
 def test_impossible_cpu_run_is_refused_before_sampling(sampler_mod, base, ram, monkeypatch):

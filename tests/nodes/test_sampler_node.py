@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 import types
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepvideo_core.sampling import sample
+from stepvideo_core.sampling import SamplingSettings, sample
 from tests.core.sampling.conftest import conditioning, tiny_model
 
 SIZE = dict(width=32, height=48, frames=17)
@@ -55,7 +56,7 @@ def test_registered(pack):
 def test_latent_is_comfy_shaped_and_equals_the_core_sampler(node_mod, types_mod, dit):
     pos, neg = conditioning(1), conditioning(2)
     latent, text = run(node_mod, handle(types_mod, dit), pos, neg)
-    core = sample(dit, pos, neg, **SIZE, steps=2, cfg=5.0, shift=17.0, seed=3)  # Turbo preset, steps overridden
+    core = sample(dit, pos, neg, settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=17.0, seed=3))  # Turbo
     assert set(latent) == {"samples"} and latent["samples"].shape == (1, 64, 3, 3, 2)  # [B, C, F, h, w]
     assert torch.equal(latent["samples"], core.transpose(1, 2))
     assert "2 steps, cfg 5, shift 17, seed 3" in text and "all 2 blocks in RAM" in text
@@ -100,11 +101,19 @@ def fake_progress(monkeypatch, bridge, on_update=None):
 
 def test_progress_and_previews_every_step(node_mod, types_mod, dit, bridge, monkeypatch):
     calls = fake_progress(monkeypatch, bridge)
-    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=3)
+    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=3, preview_vae=vae_handle(types_mod))
     assert [(v, t) for v, t, _ in calls] == [(1, 3), (2, 3), (3, 3)]
-    kind, image, size = calls[-1][2]
-    assert kind == "JPEG" and image.mode == "RGB" and size == 512
-    assert image.size == (2 * 85, 3 * 85)  # latent 3x2 cells enlarged to about 256 px
+    for _, _, (kind, image, size) in calls:
+        assert kind == "JPEG" and image.mode == "RGB" and size == 512
+        assert image.size == (2 * 85, 3 * 85)  # latent 3x2 cells enlarged to about 256 px
+
+
+def test_without_a_preview_vae_progress_comes_without_preview_images(node_mod, types_mod, dit, bridge, monkeypatch):
+    """The pack ships no latent->RGB factors (only a fit for the user's VAE means anything): no grey stand-in."""
+    calls = fake_progress(monkeypatch, bridge)
+    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2)
+    assert calls == [(1, 2, None), (2, 2, None)]
+    assert node_mod.preview_factors(None) is None
 
 
 def test_interrupt_stops_between_blocks_and_restores_the_model(node_mod, types_mod, dit, bridge, monkeypatch):
@@ -125,23 +134,29 @@ def test_size_errors_name_the_nearest_valid_values(node_mod, types_mod, dit):
         run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), height=540, width=992)
 
 
-def test_gpu_plan_frees_memory_first_then_fits_the_free_vram(node_mod, types_mod, bridge, monkeypatch):
+def test_gpu_plan_frees_memory_first_then_fits_the_free_vram(pack, node_mod, types_mod, bridge, monkeypatch):
     """The planning path of a CUDA handle (only bookkeeping runs: the bridge is faked)."""
+    core = sys.modules[f"{pack.__name__}.stepvideo_core.sampling.run"]
     big = build_meta_30b()
     freed = []
     monkeypatch.setattr(bridge, "free_memory", lambda need, device=None: freed.append((need, device)))
     monkeypatch.setattr(bridge, "free_vram", lambda device=None: 24 * 1024 ** 3)
+    def plan(model, frames):  # the node's plan: its DiT setup, ComfyUI making room (guided, 992x544)
+        video = core.SamplingSettings(992, 544, frames, steps=50, cfg=9.0, shift=13.0)
+        return core.plan_run(model.config, node_mod.dit_setup(model), video, device=model.device,
+                        make_room=node_mod.make_room(model))
+
     cuda = handle(types_mod, big, dtype=torch.bfloat16, device=torch.device("cuda", 0), weight_format="fp8_scaled")
-    plan = node_mod.plan_blocks(cuda, 992, 544, 204, guided=True)
-    assert (plan["blocks_on_device"], plan["batch_cfg"], plan["fits"]) == (2, True, True)
+    planned = plan(cuda, 204)
+    assert (planned["blocks_on_device"], planned["batch_cfg"], planned["fits"]) == (2, True, True)
     (need, device), = freed
     assert device == torch.device("cuda", 0) and need > 24 * 1024 ** 3  # asked for the fully resident run
-    fixed = node_mod.plan_blocks(handle(types_mod, big, dtype=torch.bfloat16, device=torch.device("cuda", 0),
-                                        blocks_on_device="5"), 992, 544, 51, guided=True)
+    fixed = plan(handle(types_mod, big, dtype=torch.bfloat16, device=torch.device("cuda", 0), blocks_on_device="5"),
+                 51)
     assert fixed["blocks_on_device"] == 5 and fixed["batch_cfg"]
     freed.clear()
-    everything = node_mod.plan_blocks(handle(types_mod, big, dtype=torch.bfloat16, device=torch.device("cuda", 0),
-                                             blocks_on_device="all"), 992, 544, 51, guided=True)
+    everything = plan(handle(types_mod, big, dtype=torch.bfloat16, device=torch.device("cuda", 0),
+                             blocks_on_device="all"), 51)
     assert everything["blocks_on_device"] == 48
     (need, _), = freed  # "all" asks ComfyUI for the room too (a text encoder may still hold the GPU)
     assert need > 48 * 1.2e9
@@ -156,6 +171,7 @@ def test_bridge_preview_and_cache_helpers(bridge, monkeypatch):
     rgb = torch.zeros(34, 62, 3, dtype=torch.uint8)
     kind, image, size = bridge.preview_image(rgb)
     assert kind == "JPEG" and image.size == (62 * 4, 34 * 4)
+    assert bridge.preview_image(None) is None  # nothing to show (no factors, previews off): no image
     emptied = []
     monkeypatch.setitem(bridge._MODULES, "comfy.model_management",
                         types.SimpleNamespace(soft_empty_cache=lambda: emptied.append(1)))
@@ -177,26 +193,74 @@ class LinearVAE:
         return (pooled.permute(0, 2, 3, 4, 1) @ self.map).permute(0, 1, 4, 2, 3)
 
 
-def test_preview_vae_colours_previews_and_is_fitted_once(pack, node_mod, types_mod, dit, bridge, monkeypatch):
-    vae_nodes = sys.modules[f"{pack.__name__}.nodes.vae"]
+def vae_handle(types_mod, vae=None):
+    """A STEPVIDEO_VAE handle of `vae` (a fresh 64-channel :class:`LinearVAE` by default) on the CPU."""
+    return types_mod.StepVideoVAEHandle(vae=LinearVAE() if vae is None else vae, dtype=torch.float32,
+                                        device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                        source=Path("tiny-vae"))
+
+
+def test_preview_vae_colours_previews_and_is_fitted_once(node_mod, types_mod, dit, bridge, monkeypatch):
     vae = LinearVAE()
-    preview_vae = vae_nodes.StepVideoVAEHandle(vae=vae, dtype=torch.float32, device=torch.device("cpu"),
-                                               offload_device=torch.device("cpu"), source=Path("tiny-vae"))
+    preview_vae = vae_handle(types_mod, vae)
     calls = fake_progress(monkeypatch, bridge)
     for _ in range(2):
         run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
     assert vae.calls == 4                       # four synthetic clips, fitted on the first run only
     image = calls[-1][2][1]
     r, g, b = (image.getchannel(c) for c in "RGB")
-    assert r.tobytes() != b.tobytes()          # coloured, not the grey fallback
+    assert r.tobytes() != b.tobytes()          # coloured: the fitted map, not one channel for all three
 
 
-def test_preview_vae_for_other_latent_channels_falls_back_to_grey(pack, node_mod, types_mod, dit, bridge, monkeypatch):
-    vae_nodes = sys.modules[f"{pack.__name__}.nodes.vae"]
-    preview_vae = vae_nodes.StepVideoVAEHandle(vae=LinearVAE(channels=8), dtype=torch.float32,
-                                               device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                                               source=Path("tiny-vae"))
+def test_preview_vae_for_other_latent_channels_sends_no_preview_image(node_mod, types_mod, dit, bridge, monkeypatch):
+    preview_vae = vae_handle(types_mod, LinearVAE(channels=8))
     calls = fake_progress(monkeypatch, bridge)
     run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=1, preview_vae=preview_vae)
-    image = calls[-1][2][1]
-    assert image.getchannel("R").tobytes() == image.getchannel("B").tobytes()
+    assert preview_vae.vae.calls == 4 and calls == [(1, 1, None)]  # fitted, but for 8 channels, not the DiT's 64
+
+
+class PreviewMethod(enum.Enum):
+    """Stand-in for ComfyUI's ``comfy.cli_args.LatentPreviewMethod`` (same values)."""
+
+    NoPreviews = "none"
+    Auto = "auto"
+    Latent2RGB = "latent2rgb"
+    TAESD = "taesd"
+
+
+def fake_preview_method(monkeypatch, bridge, method: str):
+    """Fake ``comfy.cli_args`` with ``args.preview_method`` = `method`; returns its ``args`` (to change it)."""
+    args = types.SimpleNamespace(preview_method=PreviewMethod(method))
+    monkeypatch.setitem(bridge._MODULES, "comfy.cli_args", types.SimpleNamespace(args=args))
+    return args
+
+
+def test_bridge_reads_comfyuis_preview_method_on_every_call(bridge, monkeypatch):
+    assert bridge.preview_method() == "auto" and bridge.previews_enabled()  # outside ComfyUI: previews on
+    args = fake_preview_method(monkeypatch, bridge, "none")
+    assert bridge.preview_method() == "none" and not bridge.previews_enabled()
+    for method in ("auto", "latent2rgb", "taesd"):  # the frontend's setting changes it per prompt
+        args.preview_method = PreviewMethod(method)
+        assert bridge.preview_method() == method and bridge.previews_enabled()
+    del args.preview_method  # a ComfyUI without the setting
+    assert bridge.preview_method() == "auto" and bridge.previews_enabled()
+
+
+def test_preview_method_none_computes_no_preview(node_mod, types_mod, dit, bridge, monkeypatch):
+    """ComfyUI's preview method "none": progress every step, no image, and no VAE fit for one."""
+    fake_preview_method(monkeypatch, bridge, "none")
+    preview_vae = vae_handle(types_mod)
+    calls = fake_progress(monkeypatch, bridge)
+    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
+    assert calls == [(1, 2, None), (2, 2, None)] and preview_vae.vae.calls == 0
+
+
+@pytest.mark.parametrize("method", ["auto", "latent2rgb", "taesd"])
+def test_other_preview_methods_get_the_latent2rgb_previews(node_mod, types_mod, dit, bridge, monkeypatch, method):
+    """auto and latent2rgb ask for latent->RGB previews; taesd has no Step-Video decoder, so it gets them too."""
+    fake_preview_method(monkeypatch, bridge, method)
+    preview_vae = vae_handle(types_mod)
+    calls = fake_progress(monkeypatch, bridge)
+    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
+    assert preview_vae.vae.calls == 4 and [(v, t) for v, t, _ in calls] == [(1, 2), (2, 2)]
+    assert all(preview[0] == "JPEG" for _, _, preview in calls)

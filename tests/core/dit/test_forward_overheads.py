@@ -16,7 +16,7 @@ import torch
 from stepvideo_core import attention as attn
 from stepvideo_core.dit import model as dit_model
 from stepvideo_core.dit.rope import apply_rope, rope_tables
-from stepvideo_core.sampling import sample
+from stepvideo_core.sampling import Placement, SamplingSettings, sample
 from stepvideo_core.tiny import TINY_TI2V_DIT_CONFIG
 from tests.core.sampling.conftest import conditioning, tiny_model
 
@@ -87,10 +87,12 @@ def test_rope_tables_are_built_once_per_run(rope_builds, batch_cfg):
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        first = sample(model, pos, neg, **SIZE, steps=3, cfg=5.0, shift=13.0, seed=1, batch_cfg=batch_cfg)
+        first = sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=3, cfg=5.0, shift=13.0, seed=1),
+                       placement=Placement(batch_cfg=batch_cfg))
         assert len(calls) == (3 if batch_cfg else 6) and rope_builds == [(3, 3, 2)]  # 3 latent frames x 3 x 2
         assert model._rope_cache == {}  # dropped when the run ends (the tables may sit on an accelerator)
-        second = sample(model, pos, neg, **SIZE, steps=3, cfg=5.0, shift=13.0, seed=1, batch_cfg=batch_cfg)
+        second = sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=3, cfg=5.0, shift=13.0, seed=1),
+                        placement=Placement(batch_cfg=batch_cfg))
     finally:
         hook.remove()
     assert len(rope_builds) == 2 and torch.equal(first, second)
@@ -192,7 +194,8 @@ def test_the_sampler_passes_the_context_length_so_no_forward_reads_back(host_rea
     spy = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("context_length")), with_kwargs=True)
     hooks = host_reads.during_forwards(model)
     try:
-        ours = sample(model, pos, neg, **SIZE, steps=2, cfg=5.0, shift=13.0, seed=4, batch_cfg=batch_cfg)
+        ours = sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=13.0, seed=4),
+                      placement=Placement(batch_cfg=batch_cfg))
     finally:
         for h in (spy, *hooks):
             h.remove()
@@ -200,8 +203,9 @@ def test_the_sampler_passes_the_context_length_so_no_forward_reads_back(host_rea
     assert seen == ([82, 82] if batch_cfg else [82, 79, 82, 79])  # 77 CLIP tokens + the longest LLM prompt
     plain = tiny_model(torch.float32)
     plain.forward = lambda **kw: type(plain).forward(plain, **{k: v for k, v in kw.items() if k != "context_length"})
-    assert torch.equal(ours, sample(plain, pos, neg, **SIZE, steps=2, cfg=5.0, shift=13.0, seed=4,
-                                    batch_cfg=batch_cfg))
+    assert torch.equal(ours, sample(plain, pos, neg,
+                                    settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=13.0, seed=4),
+                                    placement=Placement(batch_cfg=batch_cfg)))
 
 
 class HostData(torch.overrides.TorchFunctionMode):
@@ -235,7 +239,9 @@ def test_a_ti2v_run_reads_nothing_back_and_copies_no_host_data_in_its_forwards(h
     enter = model.register_forward_pre_hook(enter)
     leave = model.register_forward_hook(leave)
     try:
-        sample(model, cond, neg, **SIZE, steps=2, cfg=5.0, shift=13.0, seed=4, condition=image, motion_score=5.3)
+        sample(model, cond, neg,
+               settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=13.0, seed=4, motion_score=5.3),
+               condition=image)
     finally:
         for h in (*hooks, enter, leave):
             h.remove()
@@ -259,15 +265,17 @@ def test_auto_attention_is_resolved_once_per_model_and_device(monkeypatch):
     model = tiny_model(torch.float32)
     model.attention_backend = "auto"
     pos, neg = conditioning(1), conditioning(2)
-    first = sample(model, pos, neg, **SIZE, steps=3, cfg=5.0, shift=13.0, seed=2)
+    first = sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=3, cfg=5.0, shift=13.0, seed=2))
     assert looked_up == ["sageattention", "flash_attn"]  # once for the run, not 2 x per block per step
-    sample(model, pos, neg, **SIZE, steps=3, cfg=5.0, shift=13.0, seed=2, batch_cfg=False)
+    sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=3, cfg=5.0, shift=13.0, seed=2),
+           placement=Placement(batch_cfg=False))
     assert len(looked_up) == 2  # the model keeps its resolution for this device and dtype
     model.attention_backend = "auto"  # choosing again resolves again, once
-    again = sample(model, pos, neg, **SIZE, steps=3, cfg=5.0, shift=13.0, seed=2)
+    again = sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=3, cfg=5.0, shift=13.0, seed=2))
     assert len(looked_up) == 4 and torch.equal(first, again)
     model.attention_backend = "sdpa"
-    assert torch.equal(sample(model, pos, neg, **SIZE, steps=3, cfg=5.0, shift=13.0, seed=2), first)
+    assert torch.equal(sample(model, pos, neg,
+                              settings=SamplingSettings(**SIZE, steps=3, cfg=5.0, shift=13.0, seed=2)), first)
 
 
 def test_the_blocks_get_the_resolved_backend_equal_to_the_request(monkeypatch):

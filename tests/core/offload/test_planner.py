@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stepvideo_core import fp8, load_transformer
-from stepvideo_core.offload.planner import (GiB, auto_plan, estimate_peak, latent_tokens, parameter_counts, plan,
-                                            weight_bytes)
+from stepvideo_core.offload.planner import (GiB, PlanInputs, auto_plan, estimate_peak, latent_tokens,
+                                            parameter_counts, plan, weight_bytes)
 from stepvideo_core.tiny import TINY_DIT_CONFIG
 from tests.core.offload.livebytes import LiveBytes
 from tests.core.sampling.conftest import tiny_model
@@ -64,22 +64,22 @@ KNOWN = [  # weight format, frames, GiB free -> blocks on device, batched CFG
 def planned_now() -> list:
     """The KNOWN rows as the planner computes them now (to refresh the table, see above)."""
     return [(fmt, frames, gib, p["blocks_on_device"], p["batch_cfg"]) for fmt, frames, gib, *_ in KNOWN
-            for p in [auto_plan(992, 544, frames, free_bytes=gib * GiB, weight_format=fmt)]]
+            for p in [auto_plan(PlanInputs(992, 544, frames, weight_format=fmt), free_bytes=gib * GiB)]]
 
 
 @pytest.mark.parametrize("fmt, frames, gib, blocks, batched", KNOWN)
 def test_known_configurations(fmt, frames, gib, blocks, batched):
-    p = auto_plan(992, 544, frames, free_bytes=gib * GiB, weight_format=fmt)
+    p = auto_plan(PlanInputs(992, 544, frames, weight_format=fmt), free_bytes=gib * GiB)
     assert (p["blocks_on_device"], p["batch_cfg"], p["fits"]) == (blocks, batched, True)
     assert p["peak_bytes"] + p["reserve_bytes"] <= gib * GiB
     if blocks < 48:  # one more block would not fit
-        more = plan(992, 544, frames, free_bytes=gib * GiB, weight_format=fmt, cfg_batch=p["cfg_batch"],
-                    blocks_on_device=blocks + 1)
+        more = plan(PlanInputs(992, 544, frames, cfg_batch=p["cfg_batch"], weight_format=fmt,
+                               blocks_on_device=blocks + 1), free_bytes=gib * GiB)
         assert not more["fits"] or blocks + 1 >= 46  # 46..48 cost the same (slots)
 
 
 def test_plan_is_json_friendly_and_itemised():
-    p = auto_plan(992, 544, 204, free_bytes=20 * GiB, weight_format="fp8_scaled", attention="sageattention")
+    p = auto_plan(PlanInputs(992, 544, 204, weight_format="fp8_scaled", attention="sageattention"), free_bytes=20 * GiB)
     assert json.loads(json.dumps(p)) == p
     assert p["tokens"] == 36 * 34 * 62 == latent_tokens(992, 544, 204)
     assert sum(p["items"].values()) == p["peak_bytes"]
@@ -88,20 +88,20 @@ def test_plan_is_json_friendly_and_itemised():
 
 
 def test_too_small_and_monotone():
-    tiny = auto_plan(992, 544, 204, free_bytes=8 * GiB)
+    tiny = auto_plan(PlanInputs(992, 544, 204), free_bytes=8 * GiB)
     assert not tiny["fits"] and tiny["blocks_on_device"] == 0 and "does not fit" in tiny["message"]
-    counts = [plan(992, 544, 102, free_bytes=g * GiB)["blocks_on_device"] for g in (24, 32, 48, 64, 80)]
+    counts = [plan(PlanInputs(992, 544, 102), free_bytes=g * GiB)["blocks_on_device"] for g in (24, 32, 48, 64, 80)]
     assert counts == sorted(counts)
-    by_frames = [plan(992, 544, f, free_bytes=48 * GiB)["blocks_on_device"] for f in (17, 51, 102, 204)]
+    by_frames = [plan(PlanInputs(992, 544, f), free_bytes=48 * GiB)["blocks_on_device"] for f in (17, 51, 102, 204)]
     assert by_frames == sorted(by_frames, reverse=True)
-    fixed = plan(992, 544, 51, free_bytes=80 * GiB, blocks_on_device=10)
+    fixed = plan(PlanInputs(992, 544, 51, blocks_on_device=10), free_bytes=80 * GiB)
     assert fixed["blocks_on_device"] == 10 and fixed["items"]["stream_slots"] == 2 * weight_bytes("bf16")["block"]
-    assert plan(992, 544, 51, free_bytes=80 * GiB, blocks_on_device=47)["items"]["stream_slots"] == \
+    assert plan(PlanInputs(992, 544, 51, blocks_on_device=47), free_bytes=80 * GiB)["items"]["stream_slots"] == \
         weight_bytes("bf16")["block"]
     with pytest.raises(ValueError):
-        plan(992, 544, 51, free_bytes=GiB, weight_format="int4")
+        plan(PlanInputs(992, 544, 51, weight_format="int4"), free_bytes=GiB)
     with pytest.raises(ValueError):
-        plan(992, 544, 51, free_bytes=GiB, attention="xformers")
+        plan(PlanInputs(992, 544, 51, attention="xformers"), free_bytes=GiB)
 
 
 def measured_forward_peak(model, dtype, frames=3, height=16, width=32):
@@ -129,7 +129,8 @@ def test_activation_model_covers_what_the_model_allocates(dtype, name):
     keeps more alive, the estimate no longer covers it and this fails before any GPU run runs out of memory.
     """
     measured = measured_forward_peak(tiny_model(dtype), dtype)
-    est = estimate_peak(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format=name, config=TINY_DIT_CONFIG)
+    est = estimate_peak(PlanInputs(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format=name,
+                                   config=TINY_DIT_CONFIG))
     assert measured <= est["items"]["activations"] <= 1.15 * measured
 
 
@@ -145,9 +146,10 @@ def test_fp8_paths_stay_inside_the_estimate(tmp_path, monkeypatch, mode):
     q = load_transformer(write_tiny_dit(tmp_path / "sv"), dtype=torch.bfloat16, weight_format="fp8_scaled")
     fp8.set_matmul_mode(q, mode)
     measured = measured_forward_peak(q, torch.bfloat16)
-    est = estimate_peak(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format="fp8_scaled",
-                        config=TINY_DIT_CONFIG)
+    est = estimate_peak(PlanInputs(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format="fp8_scaled",
+                                   config=TINY_DIT_CONFIG))
     assert measured <= est["items"]["activations"] + est["items"]["workspace"]
     if mode == "dequantize":
-        full = estimate_peak(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format="bf16", config=TINY_DIT_CONFIG)
+        full = estimate_peak(PlanInputs(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format="bf16",
+                                        config=TINY_DIT_CONFIG))
         assert measured <= full["items"]["activations"] + est["items"]["workspace"]

@@ -1,14 +1,17 @@
 """The memory plan of a Step-Video-TI2V run: the doubled patch embed and the motion-score embedder in the
 weights, the image condition in the per-step memory, and T2V plans left exactly as they were."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from stepvideo_core import StepVideoDiTConfig, build_transformer, fp8, load_transformer
-from stepvideo_core.offload.planner import (ACTIVATION_BYTES, GiB, auto_plan, condition_bytes, estimate_peak,
-                                            host_activation_bytes, host_plan, latent_tokens, parameter_counts,
-                                            weight_bytes)
-from stepvideo_core.pipeline import plan_blocks
+from stepvideo_core.offload.planner import (ACTIVATION_BYTES, GiB, PlanInputs, auto_plan, condition_bytes,
+                                            estimate_peak, host_activation_bytes, host_plan, latent_tokens,
+                                            parameter_counts, weight_bytes)
+from stepvideo_core.sampling import SamplingSettings
+from stepvideo_core.sampling.run import DiTSetup, plan_blocks
 from stepvideo_core.tiny import TINY_DIT_CONFIG, TINY_TI2V_DIT_CONFIG
 from tests.core.offload.livebytes import LiveBytes
 from tests.core.sampling.conftest import tiny_model
@@ -40,9 +43,10 @@ def test_fp8_weight_bytes_of_a_ti2v_model(tmp_path):
 
 @pytest.mark.parametrize("dtype, cfg_batch", [("bf16", 2), ("bf16", 1), ("fp32", 2)])
 def test_the_condition_is_an_item_of_ti2v_plans_only(dtype, cfg_batch):
-    common = dict(blocks_on_device=20, cfg_batch=cfg_batch, weight_format=dtype, compute_dtype=dtype)
-    t2v = estimate_peak(992, 544, 102, **common)
-    ti2v = estimate_peak(992, 544, 102, **common, config=RELEASE_TI2V)
+    run = PlanInputs(992, 544, 102, cfg_batch=cfg_batch, blocks_on_device=20, weight_format=dtype,
+                     compute_dtype=dtype)
+    t2v = estimate_peak(run)
+    ti2v = estimate_peak(dataclasses.replace(run, config=RELEASE_TI2V))
     L = latent_tokens(992, 544, 102)
     a = ACTIVATION_BYTES[dtype]
     held, concat = cfg_batch * L * 64 * a, cfg_batch * L * 128 * a  # [B,F,64,h,w] condition + [B,F,128,h,w] input
@@ -56,27 +60,28 @@ def test_the_condition_is_an_item_of_ti2v_plans_only(dtype, cfg_batch):
 
 
 def test_host_plans_count_the_condition():
-    kw = dict(cfg_batch=2, weight_format="fp32", attention="sdpa", compute_dtype="fp32")
-    gap = host_activation_bytes(992, 544, 102, config=RELEASE_TI2V, **kw) - host_activation_bytes(992, 544, 102, **kw)
+    t2v = PlanInputs(992, 544, 102, weight_format="fp32", attention="sdpa", compute_dtype="fp32")
+    ti2v = dataclasses.replace(t2v, config=RELEASE_TI2V)
+    gap = host_activation_bytes(ti2v) - host_activation_bytes(t2v)
     assert gap == condition_bytes(992, 544, 102, cfg_batch=2, activation_bytes=4, config=RELEASE_TI2V)
-    plan = host_plan(992, 544, 102, available_bytes=None, config=RELEASE_TI2V)
-    assert plan["peak_bytes"] == host_activation_bytes(992, 544, 102, config=RELEASE_TI2V, **kw)
+    plan = host_plan(ti2v, available_bytes=None)
+    assert plan["peak_bytes"] == host_activation_bytes(ti2v)
 
 
 def test_a_ti2v_plan_keeps_fewer_blocks_when_memory_is_tight():
     """The condition and the larger non-block weights cost room: at a budget where T2V just fits N blocks,
     TI2V fits at most N (and the plans are JSON-friendly with the extra item)."""
     for gib in (24, 32, 48):
-        t2v = auto_plan(992, 544, 102, free_bytes=gib * GiB)
-        ti2v = auto_plan(992, 544, 102, free_bytes=gib * GiB, config=RELEASE_TI2V)
+        t2v = auto_plan(PlanInputs(992, 544, 102), free_bytes=gib * GiB)
+        ti2v = auto_plan(PlanInputs(992, 544, 102, config=RELEASE_TI2V), free_bytes=gib * GiB)
         assert ti2v["blocks_on_device"] <= t2v["blocks_on_device"] and "condition" in ti2v["items"]
         assert ti2v["peak_bytes"] > t2v["peak_bytes"] or ti2v["blocks_on_device"] < t2v["blocks_on_device"]
 
 
 def test_the_pipeline_plans_a_ti2v_model_with_its_condition():
     config = StepVideoDiTConfig(use_additional_conditions=True)
-    common = dict(compute_dtype=torch.bfloat16, attention="sdpa", width=992, height=544, frames=102, guided=True)
-    plan = plan_blocks(config, device=torch.device("cuda"), weight_format="full", free_bytes=40 * GiB, **common)
+    run = SamplingSettings(992, 544, 102, steps=50, cfg=9.0, shift=13.0)
+    plan = plan_blocks(config, DiTSetup(torch.bfloat16), run, device=torch.device("cuda"), free_bytes=40 * GiB)
     assert plan["items"]["condition"] == condition_bytes(992, 544, 102, cfg_batch=plan["cfg_batch"],
                                                          activation_bytes=2, config=config.to_dict())
 
@@ -100,8 +105,9 @@ def test_the_estimate_covers_what_a_ti2v_forward_allocates(dtype, name):
         counter.ignore(*model.parameters(), *model.buffers(), *kw.values())
         with counter:
             model(**kw, motion_score=5.0)
-    est = estimate_peak(width * 16, height * 16, 17, blocks_on_device=2, weight_format=name,
-                        config=TINY_TI2V_DIT_CONFIG)
+    est = estimate_peak(PlanInputs(width * 16, height * 16, 17, blocks_on_device=2, weight_format=name,
+                                   config=TINY_TI2V_DIT_CONFIG))
     assert counter.peak <= est["items"]["activations"] + est["items"]["condition"]
-    t2v = estimate_peak(width * 16, height * 16, 17, blocks_on_device=2, weight_format=name, config=TINY_DIT_CONFIG)
+    t2v = estimate_peak(PlanInputs(width * 16, height * 16, 17, blocks_on_device=2, weight_format=name,
+                                   config=TINY_DIT_CONFIG))
     assert t2v["items"]["activations"] == est["items"]["activations"]

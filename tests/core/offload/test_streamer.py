@@ -13,7 +13,7 @@ import torch
 from stepvideo_core import fp8
 from stepvideo_core.offload import BlockStreamer, SamplingInterrupted, simulate
 from stepvideo_core.offload.streamer import resolve_mode
-from stepvideo_core.sampling import sample
+from stepvideo_core.sampling import Placement, SamplingSettings, sample
 from stepvideo_core.sampling.noise import initial_noise, latent_shape
 from stepvideo_core.sampling.schedule import euler_step, flow_match_sigmas, guidance
 from stepvideo_core.tiny import TINY_DIT_CONFIG
@@ -59,13 +59,14 @@ def homes(model):
 
 
 def test_the_sampler_without_streaming_is_the_plain_loop(model, cond, resident):
-    assert torch.equal(sample(model, *cond, **SIZE), resident)
+    assert torch.equal(sample(model, *cond, settings=SamplingSettings(**SIZE)), resident)
 
 
 @pytest.mark.parametrize("blocks_on_device", [0, 1, 3, 5])
 def test_streamed_output_is_bit_identical(model, cond, resident, blocks_on_device):
     before = homes(model)
-    out = sample(model, *cond, **SIZE, blocks_on_device=blocks_on_device, streamer_mode="copy")
+    out = sample(model, *cond, settings=SamplingSettings(**SIZE),
+                 placement=Placement(blocks_on_device=blocks_on_device, streamer_mode="copy"))
     assert torch.equal(out, resident)
     assert homes(model) == before  # every tensor points at its home copy again
 
@@ -94,7 +95,8 @@ def test_blocks_compute_from_slots_not_from_home(model, cond):
     home_ptr = block.attn1.wqkv.weight.data_ptr()
     hook = block.register_forward_hook(lambda m, a, o: seen.update(ptr=m.attn1.wqkv.weight.data_ptr()))
     try:
-        sample(model, *cond, **dict(SIZE, steps=1), blocks_on_device=1, streamer_mode="copy")
+        sample(model, *cond, settings=SamplingSettings(**dict(SIZE, steps=1)),
+               placement=Placement(blocks_on_device=1, streamer_mode="copy"))
     finally:
         hook.remove()
     assert seen["ptr"] != home_ptr and block.attn1.wqkv.weight.data_ptr() == home_ptr
@@ -117,8 +119,9 @@ def test_interrupt_mid_pass_puts_everything_back(model, cond):
     BlockStreamer.__enter__ = spy_enter
     try:
         with pytest.raises(SamplingInterrupted, match="block 4"):
-            sample(model, *cond, **SIZE, blocks_on_device=1, streamer_mode="copy", should_stop=stop_in_block_four,
-                   batch_cfg=False)
+            sample(model, *cond, settings=SamplingSettings(**SIZE),
+                   placement=Placement(blocks_on_device=1, streamer_mode="copy", batch_cfg=False),
+                   should_stop=stop_in_block_four)
     finally:
         BlockStreamer.__enter__ = real_enter
     assert homes(model) == before
@@ -166,7 +169,8 @@ def test_no_copy_transport_runs_the_schedule_in_place(model, cond, resident):
     assert [i for i, _ in seen] == list(range(5)) * 3
     assert all(ptrs == {n: before[f"transformer_blocks.{i}.{n}"] for n in ptrs} for i, ptrs in seen)
     assert homes(model) == before
-    out = sample(model, *cond, **SIZE, blocks_on_device=0)  # auto -> "none": every block streamed in place
+    out = sample(model, *cond, settings=SamplingSettings(**SIZE),
+                 placement=Placement(blocks_on_device=0))  # auto -> "none": every block streamed in place
     assert torch.equal(out, resident)
 
 
@@ -181,14 +185,15 @@ def test_fp8_blocks_stream_with_their_scales(tmp_path, mode):
     fp8.set_matmul_mode(q, mode)
     pos, neg = conditioning(1, config=FIVE), conditioning(2, config=FIVE)
     one_step = dict(SIZE, steps=1)
-    a = sample(copy.deepcopy(q), pos, neg, **one_step)
+    a = sample(copy.deepcopy(q), pos, neg, settings=SamplingSettings(**one_step))
     layer = q.get_submodule("transformer_blocks.3.ff.net.2")
     home = {"weight": layer.weight.data_ptr(), "scale_weight": layer.scale_weight.data_ptr()}
     seen = []
     hook = layer.register_forward_hook(lambda m, args, out: seen.append(
         (m.weight.dtype, m.weight.data_ptr(), m.scale_weight.data_ptr())))
     try:
-        b = sample(q, pos, neg, **one_step, blocks_on_device=0, streamer_mode="copy")
+        b = sample(q, pos, neg, settings=SamplingSettings(**one_step),
+                   placement=Placement(blocks_on_device=0, streamer_mode="copy"))
     finally:
         hook.remove()
     assert torch.equal(a, b)

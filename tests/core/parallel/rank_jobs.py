@@ -62,7 +62,7 @@ def dit_parallel(rank, world, mode, steps, lora_path, blocks_on_device, dtype_na
 
     from stepvideo_core.lora import LoraEntry, attached, load_lora
     from stepvideo_core.parallel import ParallelContext, ParallelLayout, attach
-    from stepvideo_core.sampling import sample
+    from stepvideo_core.sampling import Placement, SamplingSettings, sample
     from tests.core.sampling.conftest import conditioning, tiny_model
 
     dtype = getattr(torch, dtype_name)
@@ -76,9 +76,9 @@ def dit_parallel(rank, world, mode, steps, lora_path, blocks_on_device, dtype_na
     if lora_path:
         adapters = attached(model, [LoraEntry(load_lora(lora_path, model), 0.8, "on_the_fly")])
     with adapters:
-        single = sample(model, pos, neg, **settings, **streaming)
+        single = sample(model, pos, neg, settings=SamplingSettings(**settings), placement=Placement(**streaming))
         with attach(model, ctx):
-            parallel = sample(model, pos, neg, **settings, **streaming)
+            parallel = sample(model, pos, neg, settings=SamplingSettings(**settings), placement=Placement(**streaming))
     hooks = sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in model.transformer_blocks)
     return {"single": single, "parallel": parallel, "layout": (layout.sp, layout.cfg),
             "hooks_left": hooks + len(model._forward_pre_hooks) + len(model._forward_hooks),
@@ -89,7 +89,7 @@ def sample_with_parallel(rank, world, mode, stop_rank, stop_step, blocks_on_devi
     """``sample(parallel=ctx)`` on every rank; ``stop_rank`` asks to stop before step ``stop_step`` (1-based)."""
     from stepvideo_core.offload import SamplingInterrupted
     from stepvideo_core.parallel import ParallelContext, ParallelLayout
-    from stepvideo_core.sampling import sample
+    from stepvideo_core.sampling import Placement, SamplingSettings, sample
     from tests.core.sampling.conftest import conditioning, tiny_model
 
     model = tiny_model(torch.float32)
@@ -106,11 +106,12 @@ def sample_with_parallel(rank, world, mode, stop_rank, stop_step, blocks_on_devi
     streaming = dict(blocks_on_device=blocks_on_device, streamer_mode="copy") if blocks_on_device is not None else {}
     outcome = "done"
     try:
-        latents = sample(model, conditioning(1, valid=5), conditioning(2, valid=3), **settings, **streaming,
-                         on_step=lambda i, n, x: steps_seen.append(i), should_stop=should_stop, parallel=ctx)
+        latents = sample(model, conditioning(1, valid=5), conditioning(2, valid=3),
+                         settings=SamplingSettings(**settings), placement=Placement(**streaming, parallel=ctx),
+                         on_step=lambda i, n, x: steps_seen.append(i), should_stop=should_stop)
     except SamplingInterrupted:
         outcome, latents = "stopped", None
-    single = sample(model, conditioning(1, valid=5), conditioning(2, valid=3), **settings)
+    single = sample(model, conditioning(1, valid=5), conditioning(2, valid=3), settings=SamplingSettings(**settings))
     weights_home = all(torch.equal(v, home[k]) and v.device.type == "cpu" for k, v in model.state_dict().items())
     return {"outcome": outcome, "steps": steps_seen, "latents": latents, "single": single, "asked": asked["n"],
             "weights_home": weights_home}

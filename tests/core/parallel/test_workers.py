@@ -23,7 +23,7 @@ from stepvideo_core.lora import LoraEntry, load_lora
 from stepvideo_core.offload import SamplingInterrupted
 from stepvideo_core.parallel import ParallelConfigError
 from stepvideo_core.parallel import workers as W
-from stepvideo_core.sampling import StepCache, sample
+from stepvideo_core.sampling import Placement, SamplingSettings, StepCache, sample
 from stepvideo_core.tiny import write_tiny_dit, write_tiny_lora
 from tests.core.parallel.pool_jobs import Beats
 from tests.core.sampling.conftest import conditioning
@@ -50,8 +50,10 @@ def inputs():
     return pos, neg
 
 
-def options(**kw):
-    return {**SIZE, "steps": 2, "cfg": 5.0, "shift": 17.0, "seed": 3, **kw}
+def options(placement=Placement(), **kw):
+    """``settings`` and ``placement`` of the runs here (sample's and SampleJob's keyword arguments)."""
+    return dict(settings=SamplingSettings(**{**SIZE, "steps": 2, "cfg": 5.0, "shift": 17.0, "seed": 3, **kw}),
+                placement=placement)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,8 @@ def test_a_pool_run_is_the_single_process_sample_and_the_workers_stay(pool, mode
     """(CFG parallel with the memory plan's one-branch-at-a-time CFG: each rank computes one branch anyway.)"""
     pos, neg = inputs()
     pids = dict(pool.pids)
-    out = pool.run_sample(W.SampleJob(pos, neg, options(batch_cfg=mode == "ulysses"), mode=mode, attention="sdpa"),
+    out = pool.run_sample(W.SampleJob(pos, neg, **options(Placement(batch_cfg=mode == "ulysses")), mode=mode,
+                                      attention="sdpa"),
                           model)
     reference = sample(model, pos, neg, **options())
     assert out.shape == reference.shape and rel(out, reference) <= 1e-5
@@ -121,7 +124,7 @@ def test_a_lora_is_attached_on_every_rank(pool, model, tmp_path):
     path, _ = write_tiny_lora(tmp_path / "lora.safetensors", keys="kohya", alpha=2.0, seed=4)
     entry = LoraEntry(load_lora(path, model), strength=0.8, mode="on_the_fly")
     pos, neg = inputs()
-    out = pool.run_sample(W.SampleJob(pos, neg, options(), mode="ulysses", adapters=(entry,)), model)
+    out = pool.run_sample(W.SampleJob(pos, neg, **options(), mode="ulysses", adapters=(entry,)), model)
     from stepvideo_core.lora import attached
 
     with attached(model, (entry,)):
@@ -135,7 +138,7 @@ def test_a_bad_layout_is_refused_before_any_worker_is_asked(pool, model):
     pos, _ = inputs()
     pids = dict(pool.pids)
     with pytest.raises(ParallelConfigError, match="CFG parallel needs guidance"):
-        pool.run_sample(W.SampleJob(pos, None, options(cfg=1.0), mode="cfg"), model)
+        pool.run_sample(W.SampleJob(pos, None, **options(cfg=1.0), mode="cfg"), model)
     assert pool.healthy() and pool.pids == pids
     assert pool.run_sample(Beats(beats=2), model).tolist() == [0.0, 2.0]
 
@@ -144,13 +147,13 @@ def test_an_interrupt_on_rank_0_stops_every_worker_then_the_pool_runs_again(pool
     pos, neg = inputs()
     pids = dict(pool.pids)
     steps = []
-    job = W.SampleJob(pos, neg, options(steps=6), mode="ulysses")
+    job = W.SampleJob(pos, neg, **options(steps=6), mode="ulysses")
     with pytest.raises(SamplingInterrupted):
         pool.run_sample(job, model, on_step=lambda i, n, x: steps.append(i), should_stop=lambda: bool(steps))
     assert steps == [1]
     assert pool.last_replies == {1: "interrupted"}  # the worker stopped too, and said so
     assert pool.healthy() and pool.pids == pids
-    out = pool.run_sample(W.SampleJob(pos, neg, options(), mode="ulysses"), model)
+    out = pool.run_sample(W.SampleJob(pos, neg, **options(), mode="ulysses"), model)
     assert rel(out, sample(model, pos, neg, **options())) <= 1e-5
 
 
@@ -175,13 +178,13 @@ def test_a_killed_worker_is_a_clear_error_then_a_fresh_start_works(fresh, model)
     start = time.monotonic()
     with pytest.raises(W.WorkerDied, match=rf"StepVideo: GPU worker 1 \(pid {pid}\) died \(exit code -9\) "
                                            r"during sampling"):
-        pool.run_sample(W.SampleJob(pos, neg, options(steps=400), mode="ulysses"), model, on_step=kill_on_first_step)
+        pool.run_sample(W.SampleJob(pos, neg, **options(steps=400), mode="ulysses"), model, on_step=kill_on_first_step)
     assert time.monotonic() - start < 30  # the watcher saw it: no collective timeout (60 s) waited out
     assert killed == [1] and not pool.healthy() and pool.closed and no_group()
 
     again = fresh()  # the next run starts fresh
     assert again.pids[1] != pid
-    assert rel(again.run_sample(W.SampleJob(pos, neg, options(), mode="ulysses"), model),
+    assert rel(again.run_sample(W.SampleJob(pos, neg, **options(), mode="ulysses"), model),
                sample(model, pos, neg, **options())) <= 1e-5
 
 
@@ -243,7 +246,7 @@ def test_settings_from_the_environment():
 
 def test_a_job_may_not_set_what_each_rank_sets():
     with pytest.raises(ValueError, match=r"must not set \['device', 'on_step'\]"):
-        W.SampleJob({}, None, {"device": "cpu", "on_step": print})
+        W.SampleJob({}, None, options()["settings"], Placement(device="cpu"), {"on_step": print})
 
 
 def test_pickles_name_the_workers_modules(pack):
@@ -251,8 +254,12 @@ def test_pickles_name_the_workers_modules(pack):
     pickles sent to workers name ``stepvideo_core`` instead."""
     mangled = importlib.import_module(f"{pack.__name__}.stepvideo_core.parallel.workers")
     mangled_cache = importlib.import_module(f"{pack.__name__}.stepvideo_core.sampling.cache")
-    job = mangled.SampleJob({"x": torch.ones(2)}, None, {"cache": mangled_cache.StepCache(mode="adaptive")})
+    mangled_settings = importlib.import_module(f"{pack.__name__}.stepvideo_core.sampling.settings")
+    video = mangled_settings.SamplingSettings(32, 48, 17, steps=2, cfg=5.0, shift=17.0)
+    job = mangled.SampleJob({"x": torch.ones(2)}, None, video,
+                            options={"cache": mangled_cache.StepCache(mode="adaptive")})
     back = pickle.loads(mangled.dumps(job))
     assert type(back) is W.SampleJob and type(back.options["cache"]) is StepCache
+    assert type(back.settings) is SamplingSettings and type(back.placement) is Placement
     assert torch.equal(back.positive["x"], torch.ones(2))
     assert pickle.loads(mangled.dumps(mangled.worker_main)) is W.worker_main

@@ -4,11 +4,13 @@ first/last steps hold, interrupts and progress behave as without cache, TI2V kee
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from stepvideo_core.offload import BlockStreamer, SamplingInterrupted, simulate
-from stepvideo_core.sampling import sample
+from stepvideo_core.sampling import Placement, SamplingSettings, sample
 from stepvideo_core.sampling import sampler as sampler_module
 from stepvideo_core.sampling.cache import (Calibration, StepCache, calibration_from_stats, model_identity,
                                            summary)
@@ -70,9 +72,10 @@ def five_cond():
 @pytest.mark.parametrize("guidance", ["batched", "sequential", "none"])
 def test_off_and_threshold_zero_are_the_uncached_sampler_bit_for_bit(request, fixture, guidance, pos, neg):
     model = request.getfixturevalue(fixture)
-    run = dict(RUN, steps=6, batch_cfg=guidance != "sequential")
+    settings = SamplingSettings(**RUN, steps=6)
     if guidance == "none":
-        run.update(cfg=1.0)
+        settings = dataclasses.replace(settings, cfg=1.0)
+    run = dict(settings=settings, placement=Placement(batch_cfg=guidance != "sequential"))
     negative = None if guidance == "none" else neg
     plain = sample(model, pos, negative, **run)
     for cache in (None, StepCache(), StepCache("adaptive", 0.0, start=0.0, end=1.0),
@@ -94,14 +97,14 @@ def test_a_skipped_step_calls_no_model_and_the_window_holds(model32, pos, neg, m
     for start, end, want in [(0.0, 1.0, list(range(1 if mode == "calibrated" else 2, 9))),
                              (0.3, 0.7, [3, 4, 5, 6])]:
         cache = StepCache(mode, calibration=cal, **dict(EVERYTHING, start=start, end=end))
-        out, per_step, batches, stats = calls_per_step(model32, positive=pos, negative=neg, **RUN, steps=steps,
-                                                       cache=cache)
+        out, per_step, batches, stats = calls_per_step(model32, settings=SamplingSettings(**RUN, steps=steps),
+                                                       positive=pos, negative=neg, cache=cache)
         skipped = [i for i, n in enumerate(per_step) if n == 0]
         assert skipped == want, (start, end)
         assert per_step[0] == 1 and per_step[-1] == 1  # the first and the last step always call the DiT
         assert set(batches) == {2}  # the batched [cond; uncond] call, never one branch alone
         assert stats["skipped_steps"] == [i + 1 for i in want] and stats["dit_calls"] == steps - len(want)
-        assert not torch.equal(out, sample(model32, pos, neg, **RUN, steps=steps))
+        assert not torch.equal(out, sample(model32, pos, neg, settings=SamplingSettings(**RUN, steps=steps)))
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "calibrated"])
@@ -109,9 +112,11 @@ def test_cfg_one_branch_at_a_time_skips_both_branches_together(model32, pos, neg
     steps = 8
     cal = flat_calibration(model32, steps) if mode == "calibrated" else None
     cache = StepCache(mode, calibration=cal, **EVERYTHING)
-    batched, per_batched, _, _ = calls_per_step(model32, positive=pos, negative=neg, **RUN, steps=steps, cache=cache)
-    out, per_step, batches, stats = calls_per_step(model32, positive=pos, negative=neg, **RUN, steps=steps,
-                                                   cache=cache, batch_cfg=False)
+    batched, per_batched, _, _ = calls_per_step(model32, settings=SamplingSettings(**RUN, steps=steps), positive=pos,
+                                                negative=neg, cache=cache)
+    out, per_step, batches, stats = calls_per_step(model32, settings=SamplingSettings(**RUN, steps=steps),
+                                                   placement=Placement(batch_cfg=False), positive=pos, negative=neg,
+                                                   cache=cache)
     assert set(per_step) == {0, 2} and set(batches) == {1}  # a step makes both calls or none
     assert [n // 2 for n in per_step] == per_batched  # the same steps skipped as with batched CFG
     assert stats["dit_calls"] == sum(per_step) and stats["skipped_calls"] == 2 * per_step.count(0)
@@ -125,7 +130,8 @@ def test_a_skipped_step_reuses_the_last_velocity(model32, pos, neg):
     steps = 6
     cache = StepCache("calibrated", calibration=flat_calibration(model32, steps), **EVERYTHING)
     seen = []
-    sample(model32, pos, neg, **RUN, steps=steps, cache=cache, on_step=lambda i, n, x: seen.append(x.clone()))
+    sample(model32, pos, neg, settings=SamplingSettings(**RUN, steps=steps), cache=cache,
+           on_step=lambda i, n, x: seen.append(x.clone()))
     sigmas = flow_match_sigmas(steps, RUN["shift"])
     x0 = initial_noise((1, 3, 64, 3, 2), RUN["seed"])
     v0 = (seen[0] - x0) / (sigmas[1] - sigmas[0])
@@ -153,8 +159,9 @@ def test_skipped_steps_move_no_streamed_weight(five, five_cond, monkeypatch):
     trace_at = []
     stats = {}
     cache = StepCache("adaptive", 1e9, start=0.0, end=1.0, max_skips=2)
-    sample(five, *five_cond, **RUN, steps=steps, blocks_on_device=1, streamer_mode="copy", cache=cache,
-           stats=stats, on_step=lambda i, n, x: trace_at.append(len(streamers[-1].trace)))
+    sample(five, *five_cond, settings=SamplingSettings(**RUN, steps=steps),
+           placement=Placement(blocks_on_device=1, streamer_mode="copy"), cache=cache, stats=stats,
+           on_step=lambda i, n, x: trace_at.append(len(streamers[-1].trace)))
     (streamer,) = streamers
     grown = [b - a for a, b in zip([0] + trace_at, trace_at)]
     skipped = [i + 1 for i, g in enumerate(grown) if g == 0]
@@ -182,14 +189,16 @@ def test_interrupt_in_a_cached_streamed_run_leaves_the_weights_home(five, five_c
         return len(polls) == 4
 
     with pytest.raises(SamplingInterrupted, match="before transformer block 2"):
-        sample(five, *five_cond, **RUN, steps=steps, blocks_on_device=1, streamer_mode="copy", cache=cache,
-               stats=stats, should_stop=stop, on_step=lambda i, n, x: done.append(i))
+        sample(five, *five_cond, settings=SamplingSettings(**RUN, steps=steps),
+               placement=Placement(blocks_on_device=1, streamer_mode="copy"), cache=cache, stats=stats,
+               should_stop=stop, on_step=lambda i, n, x: done.append(i))
     assert done == [1, 2] and stats["skipped_steps"] == [2] and stats["dit_calls"] == 1
     assert homes(five) == before
     assert not five._forward_pre_hooks and not any(b._forward_pre_hooks or b._forward_hooks
                                                    for b in five.transformer_blocks)
     with pytest.raises(SamplingInterrupted, match="before step 4"):  # and between steps, after a skipped one
-        sample(five, *five_cond, **RUN, steps=steps, blocks_on_device=1, streamer_mode="copy", cache=cache,
+        sample(five, *five_cond, settings=SamplingSettings(**RUN, steps=steps),
+               placement=Placement(blocks_on_device=1, streamer_mode="copy"), cache=cache,
                should_stop=lambda: len(done) == 5, on_step=lambda i, n, x: done.append(i))
     assert done[2:] == [1, 2, 3] and homes(five) == before
 
@@ -202,7 +211,7 @@ def test_progress_is_reported_on_every_step(model32, pos, neg):
     seen = []
     stats = {}
     cache = StepCache("adaptive", **EVERYTHING)
-    out = sample(model32, pos, neg, **RUN, steps=steps, cache=cache, stats=stats,
+    out = sample(model32, pos, neg, settings=SamplingSettings(**RUN, steps=steps), cache=cache, stats=stats,
                  on_step=lambda i, n, x: seen.append((i, n, x.dtype, tuple(x.shape))))
     assert seen == [(i, steps, torch.float32, (1, 3, 64, 3, 2)) for i in range(1, steps + 1)]
     assert stats["skipped_steps"] and torch.isfinite(out).all()
@@ -211,12 +220,13 @@ def test_progress_is_reported_on_every_step(model32, pos, neg):
 
 def test_a_recording_run_measures_a_calibration_for_its_model(model32, pos, neg):
     stats = {}
-    sample(model32, pos, neg, **RUN, steps=5, cache=StepCache(record_ratios=True), stats=stats)
+    sample(model32, pos, neg, settings=SamplingSettings(**RUN, steps=5), cache=StepCache(record_ratios=True),
+           stats=stats)
     assert stats["model"] == model_identity(model32) and len(stats["ratios"]) == 5 and stats["ratios"][0] == 1.0
     cal = calibration_from_stats(stats, preset="Step-Video-T2V", cfg=9, shift=13)
     stats = {}
-    sample(model32, pos, neg, **RUN, steps=5, cache=StepCache("calibrated", 0.5, start=0.0, calibration=cal),
-           stats=stats)
+    sample(model32, pos, neg, settings=SamplingSettings(**RUN, steps=5),
+           cache=StepCache("calibrated", 0.5, start=0.0, calibration=cal), stats=stats)
     assert stats["mode"] == "calibrated" and stats["dit_calls"] + stats["skipped_calls"] == 5
 
 
@@ -240,7 +250,7 @@ def test_ti2v_runs_with_the_cache():
     """The condition and the motion score reach every DiT call that runs; skipped steps call nothing."""
     model = RecordingModel(ti2v=True, dtype=torch.float32)
     condition = image_latent(3)
-    run = dict(RUN, steps=8, condition=condition, motion_score=7.0)
+    run = dict(settings=SamplingSettings(**RUN, steps=8, motion_score=7.0), condition=condition)
     plain = sample(model, conditioning(1), conditioning(2), **run)
     model.calls.clear()
     stats = {}
@@ -255,7 +265,7 @@ def test_ti2v_runs_with_the_cache():
 def test_ti2v_tiny_model_off_is_bit_identical_and_adaptive_skips():
     model = tiny_model(torch.float32, config=TINY_TI2V_DIT_CONFIG)
     pos, neg = conditioning(1, config=TINY_TI2V_DIT_CONFIG), conditioning(2, config=TINY_TI2V_DIT_CONFIG)
-    run = dict(RUN, steps=6, condition=image_latent(1), motion_score=5.0)
+    run = dict(settings=SamplingSettings(**RUN, steps=6, motion_score=5.0), condition=image_latent(1))
     plain = sample(model, pos, neg, **run)
     assert torch.equal(sample(model, pos, neg, **run, cache=StepCache()), plain)
     stats = {}

@@ -8,8 +8,8 @@ from torch import nn
 
 from stepvideo_core.checks import NonFiniteError
 from stepvideo_core.dit import StepVideoDiTConfig
-from stepvideo_core.sampling import (DEFAULT_MOTION_SCORE, PRESETS, TI2V_PRESET, initial_noise, preset_for,
-                                     resolve_motion_score, resolve_settings, sample)
+from stepvideo_core.sampling import (DEFAULT_MOTION_SCORE, PRESETS, TI2V_PRESET, Placement, SamplingSettings,
+                                     initial_noise, preset_for, resolve_motion_score, resolve_settings, sample)
 from stepvideo_core.tiny import TINY_TI2V_DIT_CONFIG
 from tests.core.sampling.conftest import conditioning, tiny_model
 
@@ -64,7 +64,8 @@ def ti2v16():
 def test_both_cfg_branches_get_the_condition_and_the_score_at_every_step(pos, neg):
     model = RecordingModel()
     condition = image_latent(1)
-    sample(model, pos, neg, **SIZE, steps=3, cfg=9.0, shift=13.0, condition=condition, motion_score=7.5)
+    sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=3, cfg=9.0, shift=13.0, motion_score=7.5),
+           condition=condition)
     assert len(model.calls) == 3  # batched CFG: one call per step
     want = condition.to(torch.bfloat16)
     for call in model.calls:
@@ -77,19 +78,19 @@ def test_both_cfg_branches_get_the_condition_and_the_score_at_every_step(pos, ne
 def test_sequential_and_unguided_calls_get_the_condition_too(pos, neg):
     condition = image_latent(2)
     model = RecordingModel()
-    sample(model, pos, neg, **SIZE, steps=2, cfg=5.0, shift=13.0, condition=condition, motion_score=2.0,
-           batch_cfg=False)
+    sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=13.0, motion_score=2.0),
+           placement=Placement(batch_cfg=False), condition=condition)
     assert len(model.calls) == 4 and all(c["batch"] == 1 and c["motion_score"] == 2.0 for c in model.calls)
     assert all(torch.equal(c["condition"], condition.to(torch.bfloat16)) for c in model.calls)
     model = RecordingModel()
-    sample(model, pos, None, **SIZE, steps=2, cfg=1.0, shift=13.0, condition=condition)
+    sample(model, pos, None, settings=SamplingSettings(**SIZE, steps=2, cfg=1.0, shift=13.0), condition=condition)
     assert [c["batch"] for c in model.calls] == [1, 1]
     assert all(c["motion_score"] == DEFAULT_MOTION_SCORE == 5.0 for c in model.calls)  # the TI2V default
 
 
 def test_t2v_calls_stay_as_they_were(pos, neg):
     model = RecordingModel(ti2v=False)
-    sample(model, pos, neg, **SIZE, steps=1, cfg=9.0, shift=13.0)
+    sample(model, pos, neg, settings=SamplingSettings(**SIZE, steps=1, cfg=9.0, shift=13.0))
     assert model.calls[0]["keys"] == []  # no image keyword reaches a T2V model
 
 
@@ -120,8 +121,9 @@ def official_ti2v_loop(model, pos, neg, condition, motion_score, noise, steps, c
 def test_matches_the_official_ti2v_loop_bit_for_bit(request, fixture, pos, neg):
     model = request.getfixturevalue(fixture)
     condition = image_latent(3)
-    ours = sample(model, pos, neg, **SIZE, steps=3, cfg=9.0, shift=13.0, seed=7, condition=condition,
-                  motion_score=5.0)
+    ours = sample(model, pos, neg,
+                  settings=SamplingSettings(**SIZE, steps=3, cfg=9.0, shift=13.0, seed=7, motion_score=5.0),
+                  condition=condition)
     ref = official_ti2v_loop(model, pos, neg, condition, 5.0, initial_noise(LATENT, seed=7), 3, 9.0, 13.0)
     assert ours.dtype == torch.float32 and ours.shape == LATENT
     assert torch.equal(ours, ref)
@@ -129,10 +131,13 @@ def test_matches_the_official_ti2v_loop_bit_for_bit(request, fixture, pos, neg):
 
 def test_the_image_and_the_motion_score_steer_the_result(ti2v32, pos, neg):
     run = dict(**SIZE, steps=2, cfg=9.0, shift=13.0, seed=4)
-    base = sample(ti2v32, pos, neg, **run, condition=image_latent(4), motion_score=5.0)
-    assert not torch.equal(base, sample(ti2v32, pos, neg, **run, condition=image_latent(5), motion_score=5.0))
-    assert not torch.equal(base, sample(ti2v32, pos, neg, **run, condition=image_latent(4), motion_score=10.0))
-    sequential = sample(ti2v32, pos, neg, **run, condition=image_latent(4), motion_score=5.0, batch_cfg=False)
+    base = sample(ti2v32, pos, neg, settings=SamplingSettings(**run, motion_score=5.0), condition=image_latent(4))
+    assert not torch.equal(base, sample(ti2v32, pos, neg, settings=SamplingSettings(**run, motion_score=5.0),
+                                        condition=image_latent(5)))
+    assert not torch.equal(base, sample(ti2v32, pos, neg, settings=SamplingSettings(**run, motion_score=10.0),
+                                        condition=image_latent(4)))
+    sequential = sample(ti2v32, pos, neg, settings=SamplingSettings(**run, motion_score=5.0),
+                        placement=Placement(batch_cfg=False), condition=image_latent(4))
     # float rounding only (batch 2 vs 1 matmuls), amplified by cfg 9: 1.7e-5 of values up to 12, as T2V's
     torch.testing.assert_close(sequential, base, rtol=1e-5, atol=5e-5)
 
@@ -140,27 +145,27 @@ def test_the_image_and_the_motion_score_steer_the_result(ti2v32, pos, neg):
 def test_image_inputs_that_do_not_fit_the_transformer_are_refused(ti2v32, model32, pos, neg):
     run = dict(**SIZE, steps=1, cfg=9.0, shift=13.0)
     with pytest.raises(ValueError, match="an image condition was given, but the transformer is Step-Video-T2V"):
-        sample(model32, pos, neg, **run, condition=image_latent())
+        sample(model32, pos, neg, settings=SamplingSettings(**run), condition=image_latent())
     with pytest.raises(ValueError, match="a motion_score was given, but the transformer is Step-Video-T2V"):
-        sample(model32, pos, neg, **run, motion_score=5.0)
+        sample(model32, pos, neg, settings=SamplingSettings(**run, motion_score=5.0))
     with pytest.raises(ValueError, match=r"Step-Video-TI2V \(image-to-video\): it needs the first-frame condition "
                                          r"\[1, 3, 64, 3, 2\]"):
-        sample(ti2v32, pos, neg, **run)
+        sample(ti2v32, pos, neg, settings=SamplingSettings(**run))
     with pytest.raises(ValueError, match=r"expected \[1 or 1, 3, 64, 3, 2\] for this size, got \[1, 6, 64, 3, 2\]"):
-        sample(ti2v32, pos, neg, **run, condition=image_latent(shape=(1, 6, 64, 3, 2)))
+        sample(ti2v32, pos, neg, settings=SamplingSettings(**run), condition=image_latent(shape=(1, 6, 64, 3, 2)))
     with pytest.raises(ValueError, match="motion_score must be a finite number"):
-        sample(ti2v32, pos, neg, **run, condition=image_latent(), motion_score=float("inf"))
+        sample(ti2v32, pos, neg, settings=SamplingSettings(**run, motion_score=float("inf")), condition=image_latent())
     broken = image_latent()
     broken[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="the image condition holds 1 NaN/Inf value"):
-        sample(ti2v32, pos, neg, **run, condition=broken)
+        sample(ti2v32, pos, neg, settings=SamplingSettings(**run), condition=broken)
 
 
 def test_a_batched_run_repeats_a_batch_one_condition():
     model = RecordingModel()
     pos2, neg2 = conditioning(1, batch=2), conditioning(2, batch=2)
     condition = image_latent(6)
-    sample(model, pos2, neg2, **SIZE, steps=1, cfg=9.0, shift=13.0, condition=condition)
+    sample(model, pos2, neg2, settings=SamplingSettings(**SIZE, steps=1, cfg=9.0, shift=13.0), condition=condition)
     (call,) = model.calls
     assert call["batch"] == 4 and all(torch.equal(row, condition[0].to(torch.bfloat16)) for row in call["condition"])
 
