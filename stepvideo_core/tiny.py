@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+from filelock import FileLock
 from safetensors.torch import save_file
 
 from .dit import StepVideoDiTConfig, build_transformer
@@ -382,32 +383,42 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "stepvideo"
 
 
+def _complete(release_root: Path) -> bool:
+    """True when ``release_root`` (``<cache>/tiny-<key>``) holds a whole tiny release (its marker is written last)."""
+    return (release_root / _COMPLETE).is_file()
+
+
 def cached_tiny_release(cache_dir=None, seed: int = 0) -> tuple[Path, bool]:
     """The tiny release under ``<cache>/tiny-<key>/stepvideo-t2v``, written on first use; returns (path, created).
 
     Exists so the CLI runs with no model download.  The files are written into a
     temporary folder next to the final one and renamed into place once complete,
-    so an interrupted or concurrent first run never leaves a half-written release.
+    so an interrupted first run never leaves a half-written release.  Concurrent
+    first runs (two torchrun ranks, two test workers) take turns under a lock file
+    in the cache folder: the second finds the first's release and uses it, and never
+    removes a release another process may be reading.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = cache / f"tiny-{tiny_release_key(seed)}"
-    if (final / _COMPLETE).is_file():
+    key = tiny_release_key(seed)
+    final = cache / f"tiny-{key}"
+    if _complete(final):
         return final / RELEASE_DIR, False
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
-    try:
-        write_tiny_release(tmp / RELEASE_DIR, seed=seed)
-        (tmp / _COMPLETE).write_text(json.dumps({"key": tiny_release_key(seed), "seed": seed,
-                                                 "note": "tiny random Step-Video-T2V (and TI2V transformer) for "
-                                                         "smoke tests"}, indent=2))
-        if final.exists():  # a leftover without the marker (ours are renamed complete, so it is foreign/partial)
-            shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / _COMPLETE).is_file():  # not a lost race with another writer: a real error
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # filelock (a dependency of torch, so always there): a portable lock file instead of fcntl/msvcrt by hand
+    with FileLock(str(cache / f".tiny-{key}.lock")):
+        if _complete(final):  # another process wrote it while this one waited
+            return final / RELEASE_DIR, False
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
+        try:
+            write_tiny_release(tmp / RELEASE_DIR, seed=seed)
+            (tmp / _COMPLETE).write_text(json.dumps({"key": key, "seed": seed,
+                                                     "note": "tiny random Step-Video-T2V (and TI2V transformer) "
+                                                             "for smoke tests"}, indent=2))
+            if final.exists():  # a leftover without the marker: an older, interrupted or foreign writer's
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final / RELEASE_DIR, True
 
 
