@@ -182,8 +182,8 @@ class Runner:
     ``description`` says, after a run, how it was split and where the workers are.
     """
 
-    def __init__(self, handle, gpus: int, mode: str):
-        self.handle, self.gpus, self.mode = handle, gpus, mode
+    def __init__(self, handle, gpus: int, mode: str, layout: ParallelLayout):
+        self.handle, self.gpus, self.mode, self.layout = handle, gpus, mode, layout  # layout: how check() split it
         self.description = ""
 
     def __call__(self, transformer, positive, negative=None, *, settings, placement=Placement(), on_step=None,
@@ -223,5 +223,5 @@ class Runner:
 
 def runner(handle, gpus: int, mode: str, guided: bool, width: int, height: int, frames: int) -> Optional[Runner]:
     """None for one GPU; else a checked :class:`Runner` (errors as :func:`check`)."""
-    check(handle, gpus, mode, guided, width, height, frames)
-    return Runner(handle, gpus, mode) if gpus > 1 else None
+    layout = check(handle, gpus, mode, guided, width, height, frames)
+    return Runner(handle, gpus, mode, layout) if gpus > 1 else None

@@ -297,6 +297,7 @@ class StepVideoSampler:
             done = plan_and_sample(transformer, pos, neg, video, setup=dit_setup(model),
                                    placement=Placement(device=model.device, cuda_api=bridge.cuda_api(), kept=kept),
                                    make_room=make_room(model, kept, keeper), sampler=workers or sample,
+                                   layout=workers.layout if workers else None,
                                    on_plan=account_for_kept if keeper is not None else None, on_step=on_step,
                                    should_stop=bridge.interrupt_requested, condition=image.get("condition"),
                                    cache=skipping, stats=stats)

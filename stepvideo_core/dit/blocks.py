@@ -42,16 +42,21 @@ class SelfAttention(nn.Module):
         k = apply_rope(self.k_norm(k), rope)
         v = v.contiguous()  # an exact copy of v lets the fused q|k|v buffer (3 hidden-state copies) go now
         del qkv
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend)
-        del q, k, v
+        heads_first = [q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)]
+        del q, k, v  # the list holds the only references, so the seam below may free them early
+        out = self.attend(heads_first, backend)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend) -> torch.Tensor:
-        """Attention of q [B, H, L, d] over k, v: the pack's dispatch.
+    def attend(self, qkv: list, backend) -> torch.Tensor:
+        """Attention of q [B, H, L, d] over k, v (the list ``[q, k, v]``, emptied): the pack's dispatch.
 
         The one seam of sequence parallelism: :func:`stepvideo_core.parallel.attach` gives a block's
-        instance an ``attend`` that exchanges heads for tokens around this same call.
+        instance an ``attend`` that exchanges heads for tokens around this same call.  q, k and v come
+        in a list the callee empties so that the exchange can drop each local tensor once it is copied
+        into the send buffer (three hidden-state copies less at a sequence-parallel block's peak).
         """
+        q, k, v = qkv
+        qkv.clear()
         return attention(q, k, v, backend=backend)
 
 

@@ -45,6 +45,18 @@ a the activation size (2 bytes for bf16/fp16, 4 for fp32), let U = B*L*D*a
   it were alive at the block peak, where it is already freed: a small overestimate,
   2 % of U at the release's width).  T2V plans have no such item.
 
+* **one rank of a sequence-parallel run** (Ulysses, ``sequence_parallel`` S > 1): the
+  blocks see only the rank's share of the tokens, so U becomes U_r (its largest share,
+  ceil(L/S) tokens) and the block peak above holds in U_r: the all-to-all of q|k|v needs
+  the block input and ``h`` (2 U_r) and two q|k|v-sized buffers (6 U_r), since the
+  exchange assembles its result in its own send buffer (``parallel.context``).  After
+  the last block the rank gathers every token: its own slice and the padded copy (2 U_r)
+  beside the gathered parts and their concatenation (2 U in full-sequence units), the
+  peak from about S = 4 on.  The RoPE tables, the text context and the TI2V condition
+  stay full-size.  Measured with LiveBytes on 2 and 4 gloo ranks
+  (``tests/core/parallel/test_dit_parallel.py``).  A rank of a CFG-parallel pair
+  computes one branch: plan it with ``cfg_batch`` 1.
+
 ``blocks_on_device="auto"`` picks the largest count whose estimate + reserve
 fits ``free_bytes``; if nothing fits with batched CFG, :func:`auto_plan` also
 tries running the two CFG branches one after the other (B = 1).
@@ -73,6 +85,8 @@ ATTENTION_LIVE_UNITS = 4.5              # alive when attention runs
 FP8_MATMUL_EXTRA_UNITS = 1.0            # fp8 copy of the FFN's wide input (see the docstring)
 ATTENTION_EXTRA_UNITS = {"auto": 1.5, "sdpa": 0.0, "flash_attn": 0.0, "sageattention": 1.5}
 CONTEXT_COPIES = 4
+SP_GATHER_FULL_UNITS = 2.0              # a sequence-parallel rank's gather after the last block, in full-sequence
+SP_GATHER_LOCAL_UNITS = 2.0             # units, plus the rank's slice and its padded copy (its own share's units)
 RESERVE_FIXED = 1 * GiB
 RESERVE_FRACTION = 0.05
 DEFAULT_CONFIG = StepVideoDiTConfig().to_dict()  # the released 30B model, as config.json spells it
@@ -89,8 +103,15 @@ class PlanInputs:
     ``weight_format``: one of :data:`WEIGHT_FORMATS`; ``compute_dtype``: the activations' dtype name
     (used with fp8 weights; full-precision formats compute in their own).  ``blocks_on_device``:
     "auto" or a number of blocks (an int for :func:`estimate_peak`).  ``config``: a config.json-style
-    dict of the DiT (None: the released 30B model).
+    dict of the DiT (None: the released 30B model).  ``sequence_parallel``: how many ranks share the
+    video's tokens (Ulysses; 1: this process has them all); the plan is then one rank's, for its
+    largest share (module docstring).
     """
+
+    def __post_init__(self):
+        if isinstance(self.sequence_parallel, bool) or not isinstance(self.sequence_parallel, int) \
+                or self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be a whole number of ranks >= 1, got {self.sequence_parallel!r}")
 
     width: int
     height: int
@@ -101,6 +122,7 @@ class PlanInputs:
     compute_dtype: str = "bf16"
     blocks_on_device: Union[str, int] = "auto"
     config: Optional[dict] = None
+    sequence_parallel: int = 1
 
 
 def _dims(config: Optional[dict]) -> dict:
@@ -192,11 +214,17 @@ def estimate_peak(run: PlanInputs) -> dict:
     slots = min(2, layers - resident)
     a = ACTIVATION_BYTES[_compute_dtype(run.weight_format, run.compute_dtype)]
     L = latent_tokens(run.width, run.height, run.frames)
-    unit = cfg_batch * L * d["D"] * a
+    ranks = run.sequence_parallel
+    L_rank = -(-L // ranks)                      # the largest share (token_split gives the first ranks one more)
+    unit = cfg_batch * L_rank * d["D"] * a
     fp8 = run.weight_format == "fp8_scaled"
     peak_units = PEAK_UNITS[a] + (FP8_MATMUL_EXTRA_UNITS if fp8 else 0.0)
     units = max(peak_units, ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[run.attention])
-    activations = (units * unit + 2 * L * d["head_dim"] * a
+    blocks = units * unit
+    if ranks > 1:
+        gather = SP_GATHER_FULL_UNITS * cfg_batch * L * d["D"] * a + SP_GATHER_LOCAL_UNITS * unit
+        blocks = max(blocks, gather)
+    activations = (blocks + 2 * L * d["head_dim"] * a
                    + CONTEXT_COPIES * cfg_batch * (CLIP_TOKENS + LLM_TOKENS) * d["D"] * a)
     workspace = 2 * parameter_counts(config)["largest_linear"] * a if fp8 else 0
     items = {"non_block_weights": sizes["non_block"], "resident_blocks": resident * sizes["block"],
@@ -205,8 +233,8 @@ def estimate_peak(run: PlanInputs) -> dict:
         items["condition"] = condition_bytes(run.width, run.height, run.frames, cfg_batch=cfg_batch,
                                              activation_bytes=a, config=config)
     total = sum(items.values())
-    return {"total": total, "items": items, "tokens": L, "resident": resident, "slots": slots,
-            "block_bytes": sizes["block"], "reserve": int(RESERVE_FIXED + RESERVE_FRACTION * total)}
+    return {"total": total, "items": items, "tokens": L, "tokens_per_rank": L_rank, "resident": resident,
+            "slots": slots, "block_bytes": sizes["block"], "reserve": int(RESERVE_FIXED + RESERVE_FRACTION * total)}
 
 
 def plan(run: PlanInputs, *, free_bytes: int) -> dict:
@@ -239,11 +267,21 @@ def plan(run: PlanInputs, *, free_bytes: int) -> dict:
     else:
         message = (f"{chosen} of {layers} blocks on the device, {streamed} streamed: "
                    f"{gb(est['total'])} of {gb(free_bytes)}")
+    message += _share_note(run, est)
     return {"blocks_on_device": chosen, "num_blocks": layers, "streamed_blocks": streamed,
             "copies_per_step": copies_per_pass(layers, chosen), "fits": fits, "peak_bytes": est["total"],
             "reserve_bytes": est["reserve"], "free_bytes": int(free_bytes), "items": est["items"],
-            "tokens": est["tokens"], "cfg_batch": run.cfg_batch, "weight_format": run.weight_format,
-            "attention": run.attention, "message": message}
+            "tokens": est["tokens"], "tokens_per_rank": est["tokens_per_rank"],
+            "sequence_parallel": run.sequence_parallel, "cfg_batch": run.cfg_batch,
+            "weight_format": run.weight_format, "attention": run.attention, "message": message}
+
+
+def _share_note(run: PlanInputs, estimate: dict) -> str:
+    """What a plan message adds for one rank of a sequence-parallel run ("" for one process)."""
+    if run.sequence_parallel == 1:
+        return ""
+    return (f" (per rank: {run.sequence_parallel} ranks share the {estimate['tokens']} tokens, "
+            f"at most {estimate['tokens_per_rank']} each)")
 
 
 def _fits(estimate: dict, free_bytes: int) -> bool:
@@ -296,8 +334,10 @@ def host_plan(run: PlanInputs, *, available_bytes: Optional[int]) -> dict:
     the estimate exceeds ``available_bytes`` by more than :data:`HOST_REFUSE_FACTOR`) and, when it does
     not fit, ``would_fit``: the most frames at this size and the largest size at these frames (same
     aspect ratio) that do.  ``available_bytes`` None (unknown) never refuses.  ``run.blocks_on_device``
-    is not used (every block is in RAM).
+    is not used (every block is in RAM), nor ``run.sequence_parallel``: ranks on one machine share its
+    RAM, so the whole sequence's activations are planned (about what the ranks' shares add up to).
     """
+    run = dataclasses.replace(run, sequence_parallel=1)
     width, height, frames = run.width, run.height, run.frames
     layers = weight_bytes(run.weight_format, run.compute_dtype, run.config)["layers"]
 

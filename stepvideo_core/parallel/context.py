@@ -74,17 +74,16 @@ class ParallelContext:
         return token_offsets(sizes)[self.sp_rank], sizes[self.sp_rank]
 
     # ------------------------------------------------------------------ Ulysses
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend, tokens: int) -> torch.Tensor:
+    def attention(self, qkv: list, attend, tokens: int) -> torch.Tensor:
         """Self-attention of this rank's tokens over the whole sequence.
 
-        ``q``, ``k``, ``v`` [B, H, L_r, d] hold this rank's L_r tokens and all H heads; one all-to-all
-        turns them into all ``tokens`` for H/N heads, ``attend(q, k, v)`` (the pack's dispatch) runs,
-        and a second all-to-all gives back [B, H, L_r, d].
+        ``qkv``: the list ``[q, k, v]``, each [B, H, L_r, d] with this rank's L_r tokens and all H heads;
+        it is emptied (each local tensor is dropped once it is in the send buffer).  One all-to-all turns
+        them into all ``tokens`` for H/N heads, ``attend([q, k, v])`` (the pack's dispatch) runs, and a
+        second all-to-all gives back [B, H, L_r, d].
         """
         sizes = token_split(tokens, self.layout.sp)
-        q, k, v = sequence_to_heads(torch.stack((q, k, v)), sizes, self.sp_group).unbind(0)
-        out = attend(q, k, v)
-        del q, k, v
+        out = attend(sequence_to_heads(qkv, sizes, self.sp_group))
         return heads_to_sequence(out, sizes, self.sp_group)
 
     def gather_tokens(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -121,36 +120,59 @@ class ParallelContext:
         return holder[0]
 
 
-def sequence_to_heads(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
-    """[..., H, L_r, d] with this rank's tokens -> [..., H/N, L, d] with every rank's tokens (one all-to-all).
+def sequence_to_heads(tensors: list, sizes: Sequence[int], group) -> list[torch.Tensor]:
+    """Each [B, H, L_r, d] of the list ``tensors`` (this rank's tokens; emptied, each dropped once copied)
+    -> [B, H/N, L, d] (every rank's tokens), in order.
 
-    Rank j receives head group j (heads j*H/N .. (j+1)*H/N - 1) of every rank's tokens, in rank order,
-    which is token order (:func:`~.layout.token_split` gives consecutive slices).
+    One all-to-all for all of them (q, k and v travel together).  Rank j receives head group j (heads
+    j*H/N .. (j+1)*H/N - 1) of every rank's tokens, in rank order, which is token order
+    (:func:`~.layout.token_split` gives consecutive slices).  Each input is copied into the send buffer
+    and dropped, and the received pieces are assembled in the send buffer's own memory once the
+    collective is done with it (a blocking call: on CUDA the compute stream waits for it), so the
+    exchange needs two q|k|v-sized buffers whatever the collective's work object keeps alive: at a
+    sequence-parallel block, 2 + 3 + 3 hidden-state copies of the rank's share, below the block's
+    own peak (``offload.planner``).
     """
-    n = len(sizes)
-    *lead, heads, local, dim = x.shape
+    n, count = len(sizes), len(tensors)
+    batch, heads, local, dim = tensors[0].shape
     if heads % n:
         raise ValueError(f"{heads} heads cannot be split over {n} ranks")
     per = heads // n
-    send = x.reshape(*lead, n, per, local, dim).movedim(len(lead), 0).contiguous()   # [N, ..., H/N, L_r, d]
-    unit = send[0].numel() // local                                                  # elements per token
-    recv = torch.empty(sum(sizes) * unit, dtype=x.dtype, device=x.device)
-    dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=[s * unit for s in sizes],
+    made = dict(dtype=tensors[0].dtype, device=tensors[0].device)  # no reference kept: the inputs go early
+    unit = count * batch * per * dim                                                # elements per token
+    tokens = sum(sizes)
+    memory = torch.empty(max(n * local, tokens) * unit, **made)                     # send buffer, then result
+    send = memory[:n * local * unit].view(n, count, batch, per, local, dim)         # by destination rank
+    for i in range(count):
+        send[:, i].copy_(tensors.pop(0).reshape(batch, n, per, local, dim).movedim(1, 0))
+    recv = torch.empty(tokens * unit, **made)
+    dist.all_to_all_single(recv, memory[:n * local * unit], output_split_sizes=[s * unit for s in sizes],
                            input_split_sizes=[local * unit] * n, group=group)
-    parts = [p.reshape(*lead, per, size, dim) for p, size in zip(recv.split([s * unit for s in sizes]), sizes)]
-    return torch.cat(parts, dim=-2)
+    del send
+    out = memory[:tokens * unit].view(count, batch, per, tokens, dim)
+    start = 0
+    for piece, size in zip(recv.split([s * unit for s in sizes]), sizes):          # by source rank = token order
+        out[:, :, :, start:start + size].copy_(piece.view(count, batch, per, size, dim))
+        start += size
+    del recv
+    return list(out.unbind(0))
 
 
 def heads_to_sequence(y: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
-    """The inverse of :func:`sequence_to_heads`: [..., H/N, L, d] -> [..., H, L_r, d]."""
+    """The inverse of :func:`sequence_to_heads` for one tensor: [B, H/N, L, d] -> [B, H, L_r, d]."""
     n = len(sizes)
     rank = dist.get_rank(group) if group is not None else 0
-    *lead, per, _, dim = y.shape
+    batch, per, _, dim = y.shape
     local = sizes[rank]
-    send = torch.cat([part.reshape(-1) for part in y.split(list(sizes), dim=-2)])
-    unit = per * dim * int(torch.Size(lead).numel())
-    recv = torch.empty(n * local * unit, dtype=y.dtype, device=y.device)
+    unit = batch * per * dim                                                        # elements per token
+    send = y.new_empty(sum(sizes) * unit)
+    start = 0
+    for piece, size in zip(send.split([s * unit for s in sizes]), sizes):           # rank j gets its tokens
+        piece.view(batch, per, size, dim).copy_(y[:, :, start:start + size])
+        start += size
+    recv = y.new_empty(n * local * unit)
     dist.all_to_all_single(recv, send, output_split_sizes=[local * unit] * n,
                            input_split_sizes=[s * unit for s in sizes], group=group)
-    out = recv.reshape(n, *lead, per, local, dim).movedim(0, len(lead))            # [..., N, H/N, L_r, d]
-    return out.reshape(*lead, n * per, local, dim)
+    del send
+    out = recv.view(n, batch, per, local, dim).movedim(0, 1)                         # [B, N, H/N, L_r, d]
+    return out.reshape(batch, n * per, local, dim)

@@ -5,9 +5,11 @@ Nothing in the DiT's code changes (the blocks stay one model): forward hooks do 
 * **Sequence parallel (Ulysses).**  Before the first block each rank keeps its consecutive slice of
   the video tokens (:func:`~.layout.token_split`; uneven counts need no padding) and the matching rows
   of the RoPE tables (positions follow each rank's slice); every self-attention exchanges heads for
-  tokens with one all-to-all before and one after (``SelfAttention.attend``, the blocks' only seam);
+  tokens with one all-to-all before and one after (``SelfAttention.attend``, a block's only seam);
   cross-attention needs no exchange (each token attends to the whole text); after the last block
-  the slices are gathered, so the output layer sees every token.
+  the slices are gathered, so the output layer sees every token.  The slicing and the gathering
+  wrap the model's ``run_blocks`` (it takes its input in a list, so the full sequence is released
+  before the first block instead of living through it).
 * **CFG parallel.**  The sampler's batched call ``[cond; uncond]`` is cut in two at the model's
   input: each rank of a CFG pair computes one half and the two halves are gathered again at the
   output, so the sampler sees the batched velocity as if one process had computed it.
@@ -46,13 +48,11 @@ def attach(model: torch.nn.Module, ctx: ParallelContext):
     blocks = list(model.transformer_blocks)
     run = _Run()
     if ctx.layout.sp > 1 and blocks:
-        handles.append(blocks[0].register_forward_pre_hook(_first_block(ctx, run)))
-        for block in blocks[1:]:
-            handles.append(block.register_forward_pre_hook(_local_rope(ctx, run)))
-        handles.append(blocks[-1].register_forward_hook(_last_block(ctx, run)))
+        model.run_blocks = types.MethodType(_local_blocks(ctx, run), model)
+        seams.append((model, "run_blocks"))
         for block in blocks:
             block.attn1.attend = types.MethodType(_sequence_parallel_attend(ctx, run), block.attn1)
-            seams.append(block.attn1)
+            seams.append((block.attn1, "attend"))
     if ctx.layout.cfg > 1:
         handles.append(model.register_forward_pre_hook(_one_branch(ctx), with_kwargs=True))
         handles.append(model.register_forward_hook(_both_branches(ctx)))
@@ -61,8 +61,8 @@ def attach(model: torch.nn.Module, ctx: ParallelContext):
     finally:
         for handle in handles:
             handle.remove()
-        for attn in seams:
-            del attn.attend  # back to the class's own dispatch
+        for owner, name in seams:
+            delattr(owner, name)  # back to the class's own method
 
 
 def _slice_rope(rope: tuple, start: int, count: int) -> tuple:
@@ -70,35 +70,23 @@ def _slice_rope(rope: tuple, start: int, count: int) -> tuple:
     return (cos[start:start + count], signed_sin[start:start + count], *rest)
 
 
-def _first_block(ctx: ParallelContext, run: _Run):
-    def hook(block, args):
-        x, context, t6, rope, *rest = args
+def _local_blocks(ctx: ParallelContext, run: _Run):
+    """The model's ``run_blocks`` on this rank's tokens: slice before the first block, gather after the last."""
+    def run_blocks(self, holder, context, t6, rope, mask):
+        x = holder.pop()
         run.tokens = x.shape[1]
         start, count = ctx.local_tokens(run.tokens)
-        return (x[:, start:start + count].contiguous(), context, t6, _slice_rope(rope, start, count), *rest)
-    return hook
-
-
-def _local_rope(ctx: ParallelContext, run: _Run):
-    def hook(block, args):
-        x, context, t6, rope, *rest = args
-        if rope[0].shape[0] == x.shape[1]:
-            return None
-        start, count = ctx.local_tokens(run.tokens)
-        return (x, context, t6, _slice_rope(rope, start, count), *rest)
-    return hook
-
-
-def _last_block(ctx: ParallelContext, run: _Run):
-    def hook(block, args, output):
-        return ctx.gather_tokens(output, run.tokens)
-    return hook
+        holder.append(x[:, start:start + count].contiguous())
+        del x  # the full sequence goes now, not after the first block
+        out = type(self).run_blocks(self, holder, context, t6, _slice_rope(rope, start, count), mask)
+        return ctx.gather_tokens(out, run.tokens)
+    return run_blocks
 
 
 def _sequence_parallel_attend(ctx: ParallelContext, run: _Run):
-    def attend(self, q, k, v, backend):
+    def attend(self, qkv, backend):
         cls_attend = type(self).attend
-        return ctx.attention(q, k, v, attend=lambda q, k, v: cls_attend(self, q, k, v, backend), tokens=run.tokens)
+        return ctx.attention(qkv, attend=lambda exchanged: cls_attend(self, exchanged, backend), tokens=run.tokens)
     return attend
 
 

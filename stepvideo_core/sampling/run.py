@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
-from typing import Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -24,6 +24,9 @@ from ..offload.planner import PlanInputs, auto_plan, host_plan
 from ..memory import available_host_bytes, cuda_free_vram
 from .sampler import sample
 from .settings import Placement, SamplingSettings
+
+if TYPE_CHECKING:
+    from ..parallel.layout import ParallelLayout
 
 log = logging.getLogger("StepVideo")
 
@@ -61,22 +64,29 @@ class DiTSetup:
     def __post_init__(self):
         object.__setattr__(self, "blocks_on_device", check_blocks_choice(self.blocks_on_device))
 
-    def plan_inputs(self, config, settings: SamplingSettings) -> PlanInputs:
+    def plan_inputs(self, config, settings: SamplingSettings, layout: Optional[ParallelLayout] = None) -> PlanInputs:
         """The planner's view of a run of ``settings`` with this DiT (``config``: its StepVideoDiTConfig).
 
         Exists because the planner speaks names, not torch dtypes: full-precision weights are planned as
         their compute dtype, "auto"/"all"/a number stays as chosen for :func:`plan_blocks` to resolve.
+        ``layout``: the parallel run this process is one rank of (None: one process); its plan is the
+        rank's: its share of the tokens, one guidance branch per call on a CFG-parallel rank.
         """
         name = DTYPE_NAMES[self.compute_dtype]
         blocks = self.blocks_on_device
-        return PlanInputs(settings.width, settings.height, settings.frames, cfg_batch=2 if settings.guided else 1,
+        batch = 2 if settings.guided else 1
+        sequence_parallel = 1
+        if layout is not None:
+            batch, sequence_parallel = max(1, batch // layout.cfg), layout.sp
+        return PlanInputs(settings.width, settings.height, settings.frames, cfg_batch=batch,
                           weight_format="fp8_scaled" if self.weight_format == "fp8_scaled" else name,
                           attention=self.attention, compute_dtype=name, config=config.to_dict(),
-                          blocks_on_device=int(blocks) if blocks.isdigit() else blocks)
+                          blocks_on_device=int(blocks) if blocks.isdigit() else blocks,
+                          sequence_parallel=sequence_parallel)
 
 
 def plan_blocks(config, setup: DiTSetup, settings: SamplingSettings, *, device: torch.device,
-                free_bytes: Optional[int] = None) -> dict:
+                free_bytes: Optional[int] = None, layout: Optional[ParallelLayout] = None) -> dict:
     """How a run places the DiT's blocks: the planner's dict (``blocks_on_device``, ``batch_cfg``, ``message``...).
 
     On the CPU every block stays in RAM and the plan says whether the activations fit the available
@@ -85,7 +95,7 @@ def plan_blocks(config, setup: DiTSetup, settings: SamplingSettings, *, device: 
     a number) into ``free_bytes`` (default: the device's free memory).  Pass the plan to
     :func:`check_plan` before allocating.
     """
-    inputs = setup.plan_inputs(config, settings)
+    inputs = setup.plan_inputs(config, settings, layout)
     if device.type == "cpu":
         return host_plan(inputs, available_bytes=available_host_bytes() if free_bytes is None else free_bytes)
     if inputs.blocks_on_device == "all":
@@ -98,20 +108,21 @@ def plan_blocks(config, setup: DiTSetup, settings: SamplingSettings, *, device: 
 
 
 def plan_run(config, setup: DiTSetup, settings: SamplingSettings, *, device: torch.device,
-             make_room: Optional[MakeRoom] = None) -> dict:
+             make_room: Optional[MakeRoom] = None, layout: Optional[ParallelLayout] = None) -> dict:
     """:func:`plan_blocks` against the memory ``make_room`` reports, after it made room; returns the plan.
 
     On a GPU, ``make_room`` (when given) is called first with the bytes the fully resident run needs
     (peak + reserve), also for "all" (another model may still hold the device), and returns the free
     bytes to plan with (None: unknown, the plan then assumes enough).  Without it, or on the CPU, the
-    plan reads the free memory itself.
+    plan reads the free memory itself.  ``layout``: as :meth:`DiTSetup.plan_inputs` (a rank's plan).
     """
     if make_room is None or device.type == "cpu":
-        return plan_blocks(config, setup, settings, device=device)
+        return plan_blocks(config, setup, settings, device=device, layout=layout)
     resident = dataclasses.replace(setup, blocks_on_device=config.num_layers)
-    wanted = plan_blocks(config, resident, settings, device=device, free_bytes=1 << 62)
+    wanted = plan_blocks(config, resident, settings, device=device, free_bytes=1 << 62, layout=layout)
     free = make_room(wanted["peak_bytes"] + wanted["reserve_bytes"])
-    return plan_blocks(config, setup, settings, device=device, free_bytes=1 << 62 if free is None else free)
+    return plan_blocks(config, setup, settings, device=device, free_bytes=1 << 62 if free is None else free,
+                       layout=layout)
 
 
 class MemoryPlanError(ValueError):
@@ -147,7 +158,8 @@ def plan_and_sample(model: torch.nn.Module, positive: Mapping, negative: Optiona
                     settings: SamplingSettings, *, setup: DiTSetup, placement: Placement,
                     make_room: Optional[MakeRoom] = None,
                     on_plan: Optional[Callable[[dict, Placement], None]] = None,
-                    sampler: Callable[..., torch.Tensor] = sample, **sample_kwargs) -> PlannedSample:
+                    sampler: Callable[..., torch.Tensor] = sample, layout: Optional[ParallelLayout] = None,
+                    **sample_kwargs) -> PlannedSample:
     """Plan, check, attach adapters, compile and sample one run of ``model``; see :class:`PlannedSample`.
 
     * ``setup``: the DiT's weights and choices (:class:`DiTSetup`); ``placement``: where it computes
@@ -158,13 +170,17 @@ def plan_and_sample(model: torch.nn.Module, positive: Mapping, negative: Optiona
     * ``sampler``: called as :func:`~stepvideo_core.sampling.sample` (default), with the rest of its
       keyword arguments from ``sample_kwargs`` (``condition``, ``on_step``, ``should_stop``, ``cache``,
       ``stats``, ``noise``).
+    * ``layout``: the parallel layout the run is split by, planned per rank (default: that of
+      ``placement.parallel``; a ``sampler`` that runs the ranks itself passes its own).
 
     The negative conditioning is passed only to a guided run.  CFG batching follows the plan, except
     on a CFG-parallel run, whose two ranks each compute one half of the batched call.  Adapters are
     attached outside the compiled blocks, which are outside the block streamer.
     """
     device = torch.device(placement.device) if placement.device is not None else next(model.parameters()).device
-    plan = plan_run(model.config, setup, settings, device=device, make_room=make_room)
+    if layout is None and placement.parallel is not None:
+        layout = placement.parallel.layout
+    plan = plan_run(model.config, setup, settings, device=device, make_room=make_room, layout=layout)
     check_plan(plan)
     log.info("block plan: %s", plan["message"])
     blocks = plan["blocks_on_device"]

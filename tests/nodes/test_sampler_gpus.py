@@ -177,3 +177,28 @@ def test_a_comfyui_interrupt_stops_every_rank_and_the_workers_wait_for_the_next_
     assert multi.active_pool() is pool and pool.pids == pids
     one, _ = run(node_mod, model)
     assert rel(after, one) <= 1e-5
+
+
+class _Planned(Exception):
+    """Raised by the spy once the sampler node handed its run to the orchestration."""
+
+
+@pytest.mark.parametrize("parallel, layout", [("ulysses", (2, 2, 1)), ("cfg", (2, 1, 2))])
+def test_the_run_is_planned_per_rank_of_the_workers_layout(node_mod, multi, types_mod, pack, dit_dir, monkeypatch,
+                                                           parallel, layout):
+    """With gpus > 1 each GPU holds a share of the run: the node plans with the workers' layout (a rank's
+    tokens, one branch on a CFG rank); with one GPU there is no layout."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("layout"))
+        raise _Planned
+
+    monkeypatch.setattr(node_mod, "plan_and_sample", spy)
+    model = loaded(pack, types_mod, dit_dir)
+    for gpus in (1, 2):
+        with pytest.raises(_Planned):
+            run(node_mod, model, cfg=5.0, gpus=gpus, parallel=parallel)
+    assert seen[0] is None
+    assert (seen[1].world, seen[1].sp, seen[1].cfg) == layout
+    assert multi.active_pool() is None  # planning starts no worker

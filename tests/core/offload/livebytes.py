@@ -56,3 +56,25 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
+
+
+def forward_peak(model, dtype, frames=3, height=16, width=32, around=None) -> int:
+    """Peak bytes one batched-CFG forward of the tiny-shaped ``model`` allocates (weights and inputs excluded).
+
+    Random latents [2, frames, 64, height, width] and text inputs of the tiny DiT's widths (320 Step-LLM
+    tokens of 96, 77 CLIP tokens of 48).  ``around``: a context manager entered around the forward
+    (e.g. :func:`stepvideo_core.parallel.attach` on a rank).
+    """
+    from contextlib import nullcontext
+
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(2, frames, 64, height, width, generator=gen).to(dtype),
+              timestep=torch.tensor([0.5, 0.5], dtype=dtype),
+              encoder_hidden_states=torch.randn(2, 320, 96, generator=gen).to(dtype),
+              encoder_hidden_states_2=torch.randn(2, 77, 48, generator=gen).to(dtype),
+              encoder_attention_mask=torch.ones(2, 397, dtype=dtype))
+    counter = LiveBytes()
+    counter.ignore(*model.parameters(), *model.buffers(), *kw.values())
+    with torch.no_grad(), (around if around is not None else nullcontext()), counter:
+        model(**kw)
+    return counter.peak

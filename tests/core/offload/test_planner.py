@@ -10,7 +10,7 @@ from stepvideo_core import fp8, load_transformer
 from stepvideo_core.offload.planner import (GiB, PlanInputs, auto_plan, estimate_peak, latent_tokens,
                                             parameter_counts, plan, weight_bytes)
 from stepvideo_core.tiny import TINY_DIT_CONFIG
-from tests.core.offload.livebytes import LiveBytes
+from tests.core.offload.livebytes import forward_peak
 from tests.core.sampling.conftest import tiny_model
 from tests.factory import write_tiny_dit
 from tests.capabilities import needs_cpu_fp8_matmul
@@ -104,21 +104,6 @@ def test_too_small_and_monotone():
         plan(PlanInputs(992, 544, 51, attention="xformers"), free_bytes=GiB)
 
 
-def measured_forward_peak(model, dtype, frames=3, height=16, width=32):
-    gen = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(2, frames, 64, height, width, generator=gen).to(dtype),
-              timestep=torch.tensor([0.5, 0.5], dtype=dtype),
-              encoder_hidden_states=torch.randn(2, 320, 96, generator=gen).to(dtype),
-              encoder_hidden_states_2=torch.randn(2, 77, 48, generator=gen).to(dtype),
-              encoder_attention_mask=torch.ones(2, 397, dtype=dtype))
-    with torch.no_grad():
-        counter = LiveBytes()
-        counter.ignore(*model.parameters(), *model.buffers(), *kw.values())
-        with counter:
-            model(**kw)
-    return counter.peak
-
-
 @pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
 def test_activation_model_covers_what_the_model_allocates(dtype, name):
     """Estimate >= measured live bytes of a real forward (batch 2), and within 15% of it.
@@ -128,7 +113,7 @@ def test_activation_model_covers_what_the_model_allocates(dtype, name):
     context copies) are held to what the block code does now, not to a stored number; if the block code
     keeps more alive, the estimate no longer covers it and this fails before any GPU run runs out of memory.
     """
-    measured = measured_forward_peak(tiny_model(dtype), dtype)
+    measured = forward_peak(tiny_model(dtype), dtype)
     est = estimate_peak(PlanInputs(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format=name,
                                    config=TINY_DIT_CONFIG))
     assert measured <= est["items"]["activations"] <= 1.15 * measured
@@ -145,7 +130,7 @@ def test_fp8_paths_stay_inside_the_estimate(tmp_path, monkeypatch, mode):
     monkeypatch.setattr(fp8, "_CHUNK_ELEMENTS", 4096)
     q = load_transformer(write_tiny_dit(tmp_path / "sv"), dtype=torch.bfloat16, weight_format="fp8_scaled")
     fp8.set_matmul_mode(q, mode)
-    measured = measured_forward_peak(q, torch.bfloat16)
+    measured = forward_peak(q, torch.bfloat16)
     est = estimate_peak(PlanInputs(32 * 16, 16 * 16, 17, blocks_on_device=2, weight_format="fp8_scaled",
                                    config=TINY_DIT_CONFIG))
     assert measured <= est["items"]["activations"] + est["items"]["workspace"]

@@ -18,7 +18,7 @@ def exchange_attention(rank, world, shape, dtype_name, seed):
     ctx = ParallelContext.create(layout, torch.device("cpu"))
     start, count = ctx.local_tokens(tokens)
     local = [t[:, :, start:start + count] for t in (q, k, v)]
-    out = ctx.attention(*local, attend=F.scaled_dot_product_attention, tokens=tokens)
+    out = ctx.attention(local, attend=lambda qkv: F.scaled_dot_product_attention(*qkv), tokens=tokens)
     gathered = ctx.gather_tokens(out.transpose(1, 2), tokens).transpose(1, 2)
     reference = F.scaled_dot_product_attention(q, k, v)
     return {"local": out, "reference_slice": reference[:, :, start:start + count], "gathered": gathered,
@@ -82,7 +82,8 @@ def dit_parallel(rank, world, mode, steps, lora_path, blocks_on_device, dtype_na
     hooks = sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in model.transformer_blocks)
     return {"single": single, "parallel": parallel, "layout": (layout.sp, layout.cfg),
             "hooks_left": hooks + len(model._forward_pre_hooks) + len(model._forward_hooks),
-            "seams_left": sum("attend" in vars(b.attn1) for b in model.transformer_blocks)}
+            "seams_left": sum("attend" in vars(b.attn1) for b in model.transformer_blocks)
+                          + ("run_blocks" in vars(model))}
 
 
 def sample_with_parallel(rank, world, mode, stop_rank, stop_step, blocks_on_device):
@@ -115,3 +116,20 @@ def sample_with_parallel(rank, world, mode, stop_rank, stop_step, blocks_on_devi
     weights_home = all(torch.equal(v, home[k]) and v.device.type == "cpu" for k, v in model.state_dict().items())
     return {"outcome": outcome, "steps": steps_seen, "latents": latents, "single": single, "asked": asked["n"],
             "weights_home": weights_home}
+
+
+def forward_live_bytes(rank, world, mode, heads, dtype_name, frames, height, width):
+    """Peak bytes this rank's share of one batched-CFG forward allocates (weights, inputs excluded).
+
+    The tiny DiT with ``heads`` heads of 128 under ``mode`` ("ulysses" or "cfg") on ``world`` ranks, counted
+    by :class:`tests.core.offload.livebytes.LiveBytes` (``world`` 1: the one-process forward).
+    """
+    from stepvideo_core.parallel import ParallelContext, ParallelLayout, attach
+    from stepvideo_core.tiny import TINY_DIT_CONFIG
+    from tests.core.offload.livebytes import forward_peak
+    from tests.core.sampling.conftest import tiny_model
+
+    dtype = getattr(torch, dtype_name)
+    model = tiny_model(dtype, config=dict(TINY_DIT_CONFIG, num_attention_heads=heads))
+    ctx = ParallelContext.create(ParallelLayout.choose(mode, world, heads, guided=True), torch.device("cpu"))
+    return {"peak": forward_peak(model, dtype, frames, height, width, around=attach(model, ctx))}
