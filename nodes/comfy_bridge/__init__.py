@@ -40,8 +40,8 @@ from .models import (KeptWeightsModule, kept_weights_patcher, load_models, loade
                      model_patcher, module_bytes, set_managed_size, unload_model)
 from .modules import _comfy, in_comfyui
 from .progress import (PREVIEW_MAX_SIZE, LogProgress, StepVideoInterrupted, check_interrupt, interrupt_requested,
-                       is_interrupt, preview_image, preview_method, previews_enabled, progress_bar,
-                       request_interrupt)
+                       is_interrupt, preview_image, preview_max_size, preview_method, previews_enabled,
+                       progress_bar, request_interrupt)
 from .server import add_route
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "model_patcher", "module_bytes", "set_managed_size", "unload_model",
     "_comfy", "in_comfyui",
     "PREVIEW_MAX_SIZE", "LogProgress", "StepVideoInterrupted", "check_interrupt", "interrupt_requested",
-    "is_interrupt", "preview_image", "preview_method", "previews_enabled", "progress_bar", "request_interrupt",
+    "is_interrupt", "preview_image", "preview_max_size", "preview_method", "previews_enabled", "progress_bar", "request_interrupt",
     "add_route",
 ]
 

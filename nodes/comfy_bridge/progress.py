@@ -129,13 +129,22 @@ def previews_enabled() -> bool:
     return preview_method() != "none"
 
 
+def preview_max_size() -> int:
+    """Return the largest side a preview image may have: ComfyUI's ``--preview-size`` (default 512), or
+    :data:`PREVIEW_MAX_SIZE` outside ComfyUI (or for a value that is not a positive whole number)."""
+    cli = _comfy("comfy.cli_args")
+    size = getattr(getattr(cli, "args", None), "preview_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else PREVIEW_MAX_SIZE
+
+
 def preview_image(rgb):
     """Return a preview for ``ProgressBar.update_absolute(value, total, preview)``, or None for no image.
 
     `rgb` is a uint8 tensor [h, w, 3], or None when there is nothing to show (previews off, no
     preview factors): then None, and the progress bar moves without an image. ComfyUI takes
-    ``("JPEG", PIL.Image, max_size)``; the image is enlarged (nearest) to about 256 px so a 34x62
-    latent preview is visible. Returns None also when Pillow is missing (previews are optional).
+    ``("JPEG", PIL.Image, max_size)`` (``max_size``: :func:`preview_max_size`); the image is enlarged
+    (nearest) to about 256 px so a 34x62 latent preview is visible. Returns None also when Pillow is
+    missing (previews are optional).
     """
     if rgb is None:
         return None
@@ -147,4 +156,4 @@ def preview_image(rgb):
     scale = max(1, 256 // max(image.size))
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    return ("JPEG", image, PREVIEW_MAX_SIZE)
+    return ("JPEG", image, preview_max_size())

@@ -246,6 +246,17 @@ def test_bridge_reads_comfyuis_preview_method_on_every_call(bridge, monkeypatch)
     assert bridge.preview_method() == "auto" and bridge.previews_enabled()
 
 
+def test_previews_follow_comfyuis_preview_size(bridge, monkeypatch):
+    rgb = torch.zeros(34, 62, 3, dtype=torch.uint8)
+    assert bridge.preview_image(rgb)[2] == 512  # outside ComfyUI: ComfyUI's default
+    args = fake_preview_method(monkeypatch, bridge, "auto")
+    args.preview_size = 256
+    assert bridge.preview_max_size() == 256 and bridge.preview_image(rgb)[2] == 256
+    for odd in (0, -3, None, "big", True):  # not a size: the default
+        args.preview_size = odd
+        assert bridge.preview_max_size() == 512
+
+
 def test_preview_method_none_computes_no_preview(node_mod, types_mod, dit, bridge, monkeypatch):
     """ComfyUI's preview method "none": progress every step, no image, and no VAE fit for one."""
     fake_preview_method(monkeypatch, bridge, "none")
