@@ -30,7 +30,8 @@ import torch
 
 from ..stepvideo_core.offload import SamplingInterrupted
 from ..stepvideo_core.parallel import MODES, ParallelConfigError, ParallelLayout, token_split
-from ..stepvideo_core.parallel.workers import LoadSettings, PoolSettings, SampleJob, WorkerPool
+from ..stepvideo_core.parallel.workers import (DecodeJob, LoadSettings, PoolSettings, SampleJob, WorkerError,
+                                                WorkerPool)
 from ..stepvideo_core.sampling import Placement, latent_shape
 from . import comfy_bridge as bridge
 
@@ -211,7 +212,7 @@ class Runner:
             return bool(caught) or bool(should_stop is not None and should_stop())
 
         try:
-            latents = pool.run_sample(job, transformer, placement.device, on_step=progress, should_stop=stop,
+            latents = pool.run_job(job, transformer, placement.device, on_step=progress, should_stop=stop,
                                       cuda_api=placement.cuda_api, stats=stats, wrapped=True)
         except SamplingInterrupted:
             if caught:
@@ -219,6 +220,38 @@ class Runner:
             raise
         self.description = pool.describe()
         return latents
+
+
+def decode_on_workers(vae_handle, latents: torch.Tensor, *, tile: Optional[int], overlap: int,
+                      on_chunk=None) -> Optional[torch.Tensor]:
+    """The VAE decode of ``latents`` [B, F, C, h, w] shared with the running GPU workers, or None.
+
+    Exists so that a graph whose StepVideo Sampler runs with ``gpus`` > 1 also decodes on those GPUs:
+    this process decodes its share of the 3-latent chunks with ``vae_handle``'s VAE (already on its
+    device), each worker its share with its own copy (loaded from the same file on its first decode);
+    the video [B, T, 3, H, W] in [-1, 1] comes back on the CPU, equal to the one-GPU decode.  None,
+    for the caller to decode alone, when no workers are running, when the VAE does not compute on the
+    workers' rank-0 GPU, or when a worker fails (logged; the workers start again on the sampler's
+    next run).
+    """
+    with _LOCK:
+        pool = _ACTIVE.pool if _ACTIVE is not None else None
+    if pool is None or not pool.healthy() or pool.world < 2:
+        return None
+    vae = vae_handle.vae
+    if torch.device(vae.device) != pool.devices[0]:
+        log.info("StepVideo VAE decode: the VAE computes on %s, the GPU workers' rank 0 on %s: decoding here alone",
+                 vae.device, pool.devices[0])
+        return None
+    job = DecodeJob(latents=latents.cpu(), vae_source=str(vae_handle.source), dtype=vae_handle.dtype, tile=tile,
+                    overlap=overlap)
+    try:
+        video = pool.run_job(job, vae, vae.device, on_step=on_chunk)
+    except WorkerError as exc:
+        log.warning("StepVideo VAE decode on the GPU workers failed (%s); decoding here alone", exc)
+        return None
+    log.info("StepVideo VAE decode: shared with the GPU workers (%s)", pool.describe())
+    return video.cpu()
 
 
 def runner(handle, gpus: int, mode: str, guided: bool, width: int, height: int, frames: int) -> Optional[Runner]:

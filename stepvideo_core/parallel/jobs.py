@@ -167,8 +167,10 @@ class RankRun:
 
     Rank 0 passes the host's callbacks (progress, interrupt poll, CUDA API, stats); workers pass
     none.  ``wrapped``: the caller already applied the run's LoRA adapters and compile choice around
-    the call (the ComfyUI node does, on rank 0), so the job must not apply them again.  :meth:`context` builds the :class:`~stepvideo_core.parallel.ParallelContext` of a layout
-    once per pool (every rank calls it in the same job order, as ``new_group`` requires).
+    the call (the ComfyUI node does, on rank 0), so the job must not apply them again.  :meth:`context`
+    builds the :class:`~stepvideo_core.parallel.ParallelContext` of a layout once per pool (every rank
+    calls it in the same job order, as ``new_group`` requires).  ``kept``: what jobs keep on this rank
+    from one run to the next, for as long as the pool lives (a worker's VAE, :class:`DecodeJob`).
     """
 
     rank: int
@@ -181,6 +183,7 @@ class RankRun:
     stats: Optional[dict] = None
     contexts: dict = dataclasses.field(default_factory=dict)
     wrapped: bool = False
+    kept: dict = dataclasses.field(default_factory=dict)
 
     def context(self, layout: ParallelLayout) -> ParallelContext:
         found = self.contexts.get(layout)
@@ -231,9 +234,9 @@ class SampleJob:
     def guided(self) -> bool:
         return self.settings.guided
 
-    def layout(self, world: int, heads: int) -> ParallelLayout:
-        """How ``world`` ranks split this run (raises ParallelConfigError for a layout that cannot run)."""
-        return ParallelLayout.choose(self.mode, world, heads, self.guided)
+    def layout(self, world: int, model) -> ParallelLayout:
+        """How ``world`` ranks split this run of the DiT ``model`` (ParallelConfigError for one that cannot run)."""
+        return ParallelLayout.choose(self.mode, world, model.config.num_attention_heads, self.guided)
 
     def run(self, rank: RankRun) -> torch.Tensor:
         from ..compile import compiled_blocks
@@ -241,7 +244,7 @@ class SampleJob:
         from ..sampling import sampler as core
 
         model = rank.model
-        ctx = rank.context(self.layout(rank.world, model.config.num_attention_heads))
+        ctx = rank.context(self.layout(rank.world, model))
         if self.attention is not None:
             model.attention_backend = self.attention
         adapters = compiled = nullcontext()
@@ -255,3 +258,59 @@ class SampleJob:
         with adapters, compiled:
             return core.sample(model, self.positive, self.negative, settings=self.settings, placement=placement,
                                on_step=rank.on_step, should_stop=rank.should_stop, stats=rank.stats, **self.options)
+
+
+@dataclasses.dataclass
+class DecodeJob:
+    """One VAE decode of ``latents`` [B, F, C, h, w] (CPU) with its 3-latent chunks shared among every rank.
+
+    Rank 0 decodes with the VAE it is given (the host's, already on its device); a worker loads the VAE
+    from ``vae_source`` in ``dtype`` on its first decode, keeps it in RAM for the next ones
+    (:attr:`RankRun.kept`) and has it on its GPU only while decoding.  ``tile`` / ``overlap``: as
+    :meth:`~stepvideo_core.vae.StepVideoVAE.decode`.  Every rank returns the whole video
+    [B, T, 3, H, W] in [-1, 1] on its device (:func:`~stepvideo_core.parallel.vae.decode_split`: the
+    one-process decode bit for bit in fp32).  ``RankRun.on_step`` is called as ``on_chunk(done, total)``
+    for rank 0's own chunks.  Not stoppable midway: a rank leaving the decode would leave the others
+    waiting in its gather (chunks take seconds).
+    """
+
+    latents: torch.Tensor
+    vae_source: str
+    dtype: torch.dtype
+    tile: Optional[int] = None
+    overlap: int = 8
+
+    def layout(self, world: int, model) -> ParallelLayout:
+        """Every rank takes a share of the chunks (one group of all ranks)."""
+        return ParallelLayout(world=world, sp=world, cfg=1)
+
+    def run(self, rank: RankRun) -> torch.Tensor:
+        ctx = rank.context(self.layout(rank.world, rank.model))
+        if rank.rank == 0:
+            return self._decode(rank.model, ctx, rank.on_step)
+        vae = self._worker_vae(rank)
+        vae.to(rank.device)
+        try:
+            return self._decode(vae, ctx, None)
+        finally:
+            vae.to("cpu")
+            if rank.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _decode(self, vae, ctx: ParallelContext, on_chunk) -> torch.Tensor:
+        from .vae import decode_split
+
+        return decode_split(vae, self.latents.to(vae.device), group=ctx.sp_group, on_chunk=on_chunk,
+                            tile=self.tile, overlap=self.overlap)
+
+    def _worker_vae(self, rank: RankRun):
+        """This worker's VAE for ``vae_source`` in ``dtype``: loaded into RAM once, the previous one dropped."""
+        key = ("vae", str(self.vae_source), str(self.dtype))
+        vae = rank.kept.get(key)
+        if vae is None:
+            from ..vae.loader import load_vae
+
+            for old in [k for k in rank.kept if k[0] == "vae"]:
+                del rank.kept[old]
+            vae = rank.kept[key] = load_vae(self.vae_source, dtype=self.dtype, device="cpu")
+        return vae

@@ -112,6 +112,7 @@ def worker_main(rank: int, world: int, port: int, backend: str, device: str, sou
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         dist.all_reduce(torch.zeros(1))  # every rank is in (rank 0 waits for this before it returns from start)
         contexts: dict = {}
+        kept: dict = {}  # what jobs keep on this rank between runs (a VAE loaded for decodes)
         while True:
             message = _wait_message(jobs, parent)
             if message[0] != "run":
@@ -119,7 +120,7 @@ def worker_main(rank: int, world: int, port: int, backend: str, device: str, sou
             _, job_id, job_blob = message
             job = pickle.loads(job_blob)
             try:
-                result = job.run(RankRun(rank, world, model, device, contexts=contexts))
+                result = job.run(RankRun(rank, world, model, device, contexts=contexts, kept=kept))
             except SamplingInterrupted:
                 replies.put(("interrupted", rank, job_id, None))
             else:

@@ -59,8 +59,8 @@ import torch
 import torch.distributed as dist
 
 from ..offload.streamer import SamplingInterrupted
-from .jobs import (CORE_NAME, ENV_START_TIMEOUT, ENV_TIMEOUT, PACK_ROOT, LoadSettings,  # noqa: F401 - re-exported:
-                   PoolSettings, RankRun, SampleJob, WorkerDied, WorkerError, WorkerStartError,  # callers import
+from .jobs import (CORE_NAME, ENV_START_TIMEOUT, ENV_TIMEOUT, PACK_ROOT, DecodeJob,  # noqa: F401 - re-exported:
+                   LoadSettings, PoolSettings, RankRun, SampleJob, WorkerDied, WorkerError, WorkerStartError,  # callers import
                    WorkerTimeout, _ModuleByName, dumps)  # the settings, jobs and errors from here
 from .layout import ParallelLayout
 from .worker import _loopback_env, fingerprint, worker_main  # noqa: F401 - worker_main: the spawn target
@@ -227,8 +227,9 @@ class WorkerPool:
     """``gpus - 1`` worker processes plus the calling process (rank 0) in one process group.
 
     ``pool.start(source, LoadSettings(...), gpus, device_for_rank)`` spawns the workers and waits until
-    each has loaded the DiT and joined; ``pool.run_sample(job, model)`` runs a :class:`SampleJob` (or any
-    object with ``layout(world, heads)`` and ``run(RankRun)``) on every rank and returns rank 0's result;
+    each has loaded the DiT and joined; ``pool.run_job(job, model)`` runs a :class:`SampleJob`, a
+    :class:`DecodeJob` (or any object with ``layout(world, model)`` and ``run(RankRun)``) on every rank, rank 0
+    with ``model`` (the host's DiT, or its VAE for a decode), and returns rank 0's result;
     ``pool.shutdown()`` stops them.  Thread-safe (one run at a time).
     """
 
@@ -294,7 +295,7 @@ class WorkerPool:
             self._backend = "gloo" if types_ == {"cpu"} else "cpu:gloo,cuda:nccl"
             self.world, self.source, self.load = gpus, str(model_source), load
             self._known_pids = {}
-            self._contexts, self.last_layout, self.last_replies = {}, None, {}
+            self._contexts, self._kept, self.last_layout, self.last_replies = {}, {}, None, {}
             _loopback_env()
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind(("127.0.0.1", 0))
@@ -367,7 +368,7 @@ class WorkerPool:
                                        f"{self.settings.start_timeout_s:.0f} s (${ENV_START_TIMEOUT})")
 
     # ------------------------------------------------------------------ runs
-    def run_sample(self, job, model, device: Union[str, torch.device, None] = None, *,
+    def run_job(self, job, model, device: Union[str, torch.device, None] = None, *,
                    on_step: Optional[Callable] = None, should_stop: Optional[Callable[[], bool]] = None,
                    cuda_api=None, stats: Optional[dict] = None, wrapped: bool = False):
         """Run ``job`` on every rank (this process with ``model`` on ``device``, default rank 0's) and
@@ -387,7 +388,7 @@ class WorkerPool:
                     raise WorkerDied(f"StepVideo: GPU worker {rank} (pid {pid}) died (exit code {code}) while "
                                      f"waiting for work; the workers start again on the next run")
                 raise RuntimeError("StepVideo: the GPU workers are not running (start the pool first)")
-            layout = job.layout(self.world, model.config.num_attention_heads)
+            layout = job.layout(self.world, model)
             self.last_layout = layout
             self._job_id += 1
             blob = dumps(job)
@@ -397,7 +398,7 @@ class WorkerPool:
                 w.jobs.put(("run", self._job_id, blob))
             rank = RankRun(0, self.world, model, torch.device(device) if device is not None else self.devices[0],
                            on_step=on_step, should_stop=should_stop, cuda_api=cuda_api, stats=stats,
-                           contexts=self._contexts, wrapped=wrapped)
+                           contexts=self._contexts, kept=self._kept, wrapped=wrapped)
             try:
                 result = job.run(rank)
             except BaseException as exc:
@@ -514,7 +515,7 @@ class WorkerPool:
                 q.close()
             self._replies = None
             self._store = None
-            self._contexts = {}
+            self._contexts, self._kept = {}, {}
             self.closed = True
             _POOLS.discard(self)
 

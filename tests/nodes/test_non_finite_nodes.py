@@ -17,7 +17,7 @@ NAN = float("nan")
 ARGS = dict(preset="Step-Video-T2V-Turbo", width=32, height=32, frames=17, steps=2, cfg=0.0, shift=0.0, seed=3)
 
 
-def run_sampler(sampler_mod, model, **kw):
+def run_jobr(sampler_mod, model, **kw):
     return sampler_mod.StepVideoSampler().sample(model=model, positive=conditioning(1), negative=conditioning(2),
                                                  **dict(ARGS, **kw))
 
@@ -26,7 +26,7 @@ def run_sampler(sampler_mod, model, **kw):
 def test_sampler_node_refuses_a_nan_widget(sampler_mod, base, widget):
     """A JSON NaN passes ComfyUI's min/max check (every comparison with NaN is false)."""
     with pytest.raises(ValueError, match=f"{widget} must be a finite number, got nan"):
-        run_sampler(sampler_mod, base, **{widget: NAN})
+        run_jobr(sampler_mod, base, **{widget: NAN})
 
 
 def test_sampler_node_raises_when_the_latents_go_non_finite(pack, sampler_mod, base, dit):
@@ -34,7 +34,7 @@ def test_sampler_node_raises_when_the_latents_go_non_finite(pack, sampler_mod, b
     handle = dit.register_forward_hook(lambda _m, _a, out: out * NAN)
     try:
         with pytest.raises(error, match="at step 1/2"):
-            run_sampler(sampler_mod, base)
+            run_jobr(sampler_mod, base)
     finally:
         handle.remove()
 

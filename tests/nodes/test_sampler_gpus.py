@@ -202,3 +202,47 @@ def test_the_run_is_planned_per_rank_of_the_workers_layout(node_mod, multi, type
     assert seen[0] is None
     assert (seen[1].world, seen[1].sp, seen[1].cfg) == layout
     assert multi.active_pool() is None  # planning starts no worker
+
+
+def test_the_vae_decode_is_shared_with_running_gpu_workers(node_mod, multi, types_mod, pack, dit_dir, models_dir,
+                                                           bridge, monkeypatch):
+    """With the sampler's workers up, StepVideo VAE Decode gives each rank a share of the 17-frame chunks
+    (this process decodes 1 of 2, a worker loads the VAE from its file and decodes the other): the frames
+    of the one-process decode, bit for bit in fp32; use_gpu_workers off, or no workers, decodes alone."""
+    from tests.factory import write_tiny_vae
+
+    vae_mod = sys.modules[f"{pack.__name__}.nodes.vae"]
+    vae_file = write_tiny_vae(models_dir / "vae", layout="single", seed=2)
+    (vae,) = vae_mod.StepVideoVAELoader().load(vae_name=vae_file.name, weight_dtype="fp32")["result"]
+    samples = {"samples": torch.randn(1, 8, 6, 2, 3, generator=torch.Generator().manual_seed(4))}  # 2 chunks
+    decode = vae_mod.StepVideoVAEDecode().decode
+    chunks = []
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, done, total, preview=None):
+            chunks.append((done, total))
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    (alone,) = decode(vae=vae, samples=samples)
+    assert chunks == [(1, 2), (2, 2)] and multi.active_pool() is None  # no workers: this process alone
+    model = loaded(pack, types_mod, dit_dir)  # kept: freeing the model stops its workers
+    run(node_mod, model, cfg=5.0, gpus=2)     # the sampler starts 1 worker
+    pool = multi.active_pool()
+    chunks.clear()
+    (shared,) = decode(vae=vae, samples=samples)
+    assert torch.equal(shared, alone) and chunks == [(1, 1)]  # this process decoded one chunk of two
+    assert set(pool.last_fingerprints) == {0, 1} and len(set(pool.last_fingerprints.values())) == 1
+    chunks.clear()
+    (off,) = decode(vae=vae, samples=samples, use_gpu_workers=False)
+    assert torch.equal(off, alone) and chunks == [(1, 2), (2, 2)]
+    # a worker failing in the decode: the frames still come, decoded here alone
+    def died(*args, **kwargs):
+        raise multi.WorkerError("planted: worker 1 died")
+
+    monkeypatch.setattr(pool, "run_job", died)
+    chunks.clear()
+    (fallback,) = decode(vae=vae, samples=samples)
+    assert torch.equal(fallback, alone) and chunks == [(1, 2), (2, 2)]

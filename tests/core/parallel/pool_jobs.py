@@ -28,11 +28,11 @@ class Beats:
     die: int = -1
     at: int = 1
 
-    def layout(self, world: int, heads: int) -> ParallelLayout:
+    def layout(self, world: int, model) -> ParallelLayout:
         return ParallelLayout(world=world, sp=world, cfg=1)
 
     def run(self, rank) -> torch.Tensor:
-        ctx = rank.context(self.layout(rank.world, 0))
+        ctx = rank.context(self.layout(rank.world, rank.model))
         for i in range(self.beats):
             if i == self.at and rank.rank == self.fail:
                 raise RuntimeError(f"planted failure on rank {rank.rank}")

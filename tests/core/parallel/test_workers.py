@@ -109,7 +109,7 @@ def test_a_pool_run_is_the_single_process_sample_and_the_workers_stay(pool, mode
     """(CFG parallel with the memory plan's one-branch-at-a-time CFG: each rank computes one branch anyway.)"""
     pos, neg = inputs()
     pids = dict(pool.pids)
-    out = pool.run_sample(W.SampleJob(pos, neg, **options(Placement(batch_cfg=mode == "ulysses")), mode=mode,
+    out = pool.run_job(W.SampleJob(pos, neg, **options(Placement(batch_cfg=mode == "ulysses")), mode=mode,
                                       attention="sdpa"),
                           model)
     reference = sample(model, pos, neg, **options())
@@ -124,7 +124,7 @@ def test_a_lora_is_attached_on_every_rank(pool, model, tmp_path):
     path, _ = write_tiny_lora(tmp_path / "lora.safetensors", keys="kohya", alpha=2.0, seed=4)
     entry = LoraEntry(load_lora(path, model), strength=0.8, mode="on_the_fly")
     pos, neg = inputs()
-    out = pool.run_sample(W.SampleJob(pos, neg, **options(), mode="ulysses", adapters=(entry,)), model)
+    out = pool.run_job(W.SampleJob(pos, neg, **options(), mode="ulysses", adapters=(entry,)), model)
     from stepvideo_core.lora import attached
 
     with attached(model, (entry,)):
@@ -138,9 +138,9 @@ def test_a_bad_layout_is_refused_before_any_worker_is_asked(pool, model):
     pos, _ = inputs()
     pids = dict(pool.pids)
     with pytest.raises(ParallelConfigError, match="CFG parallel needs guidance"):
-        pool.run_sample(W.SampleJob(pos, None, **options(cfg=1.0), mode="cfg"), model)
+        pool.run_job(W.SampleJob(pos, None, **options(cfg=1.0), mode="cfg"), model)
     assert pool.healthy() and pool.pids == pids
-    assert pool.run_sample(Beats(beats=2), model).tolist() == [0.0, 2.0]
+    assert pool.run_job(Beats(beats=2), model).tolist() == [0.0, 2.0]
 
 
 def test_an_interrupt_on_rank_0_stops_every_worker_then_the_pool_runs_again(pool, model):
@@ -149,11 +149,11 @@ def test_an_interrupt_on_rank_0_stops_every_worker_then_the_pool_runs_again(pool
     steps = []
     job = W.SampleJob(pos, neg, **options(steps=6), mode="ulysses")
     with pytest.raises(SamplingInterrupted):
-        pool.run_sample(job, model, on_step=lambda i, n, x: steps.append(i), should_stop=lambda: bool(steps))
+        pool.run_job(job, model, on_step=lambda i, n, x: steps.append(i), should_stop=lambda: bool(steps))
     assert steps == [1]
     assert pool.last_replies == {1: "interrupted"}  # the worker stopped too, and said so
     assert pool.healthy() and pool.pids == pids
-    out = pool.run_sample(W.SampleJob(pos, neg, **options(), mode="ulysses"), model)
+    out = pool.run_job(W.SampleJob(pos, neg, **options(), mode="ulysses"), model)
     assert rel(out, sample(model, pos, neg, **options())) <= 1e-5
 
 
@@ -178,13 +178,13 @@ def test_a_killed_worker_is_a_clear_error_then_a_fresh_start_works(fresh, model)
     start = time.monotonic()
     with pytest.raises(W.WorkerDied, match=rf"StepVideo: GPU worker 1 \(pid {pid}\) died \(exit code -9\) "
                                            r"during sampling"):
-        pool.run_sample(W.SampleJob(pos, neg, **options(steps=400), mode="ulysses"), model, on_step=kill_on_first_step)
+        pool.run_job(W.SampleJob(pos, neg, **options(steps=400), mode="ulysses"), model, on_step=kill_on_first_step)
     assert time.monotonic() - start < 30  # the watcher saw it: no collective timeout (60 s) waited out
     assert killed == [1] and not pool.healthy() and pool.closed and no_group()
 
     again = fresh()  # the next run starts fresh
     assert again.pids[1] != pid
-    assert rel(again.run_sample(W.SampleJob(pos, neg, **options(), mode="ulysses"), model),
+    assert rel(again.run_job(W.SampleJob(pos, neg, **options(), mode="ulysses"), model),
                sample(model, pos, neg, **options())) <= 1e-5
 
 
@@ -192,7 +192,7 @@ def test_a_worker_that_dies_on_its_own_mid_run_is_named(fresh, model):
     pool = fresh()
     (pid,) = pool.pids.values()
     with pytest.raises(W.WorkerDied, match=rf"GPU worker 1 \(pid {pid}\) died \(exit code -9\)"):
-        pool.run_sample(Beats(beats=50, die=1, at=2), model)
+        pool.run_job(Beats(beats=50, die=1, at=2), model)
     assert pool.closed and no_group()
 
 
@@ -201,7 +201,7 @@ def test_a_worker_exception_is_reported_with_its_message(fresh, model):
     (pid,) = pool.pids.values()
     with pytest.raises(W.WorkerError, match=rf"GPU worker 1 \(pid {pid}\) failed during sampling: "
                                             r"RuntimeError: planted failure on rank 1"):
-        pool.run_sample(Beats(beats=50, fail=1, at=2), model)
+        pool.run_job(Beats(beats=50, fail=1, at=2), model)
     assert pool.closed and no_group()
 
 
@@ -209,7 +209,7 @@ def test_a_stalled_worker_ends_in_the_collective_timeout(fresh, model):
     pool = fresh(W.PoolSettings(collective_timeout_s=4.0, start_timeout_s=300.0, settle_timeout_s=2.0))
     start = time.monotonic()
     with pytest.raises(W.WorkerTimeout, match=r"timed out \(timeout 4 s, \$STEPVIDEO_PARALLEL_TIMEOUT\)"):
-        pool.run_sample(Beats(beats=50, stall=1, at=2), model)
+        pool.run_job(Beats(beats=50, stall=1, at=2), model)
     assert 3.5 < time.monotonic() - start < 40
     assert pool.closed and no_group()
 
