@@ -50,9 +50,10 @@ a the activation size (2 bytes for bf16/fp16, 4 for fp32), let U = B*L*D*a
   ceil(L/S) tokens) and the block peak above holds in U_r: the all-to-all of q|k|v needs
   the block input and ``h`` (2 U_r) and two q|k|v-sized buffers (6 U_r), since the
   exchange assembles its result in its own send buffer (``parallel.context``).  After
-  the last block the rank gathers every token: its own slice and the padded copy (2 U_r)
-  beside the gathered parts and their concatenation (2 U in full-sequence units), the
-  peak from about S = 4 on.  The RoPE tables, the text context and the TI2V condition
+  the last block the rank gathers every token into one buffer and concatenates the parts
+  in token order (2 U in full-sequence units) beside its own slice and, for an uneven
+  split, its padded copy (2 U_r), with one copy of the text context left: the peak from
+  about S = 6 on.  The RoPE tables, the text context and the TI2V condition
   stay full-size.  Measured with LiveBytes on 2 and 4 gloo ranks
   (``tests/core/parallel/test_dit_parallel.py``).  A rank of a CFG-parallel pair
   computes one branch: plan it with ``cfg_batch`` 1.
@@ -220,12 +221,12 @@ def estimate_peak(run: PlanInputs) -> dict:
     fp8 = run.weight_format == "fp8_scaled"
     peak_units = PEAK_UNITS[a] + (FP8_MATMUL_EXTRA_UNITS if fp8 else 0.0)
     units = max(peak_units, ATTENTION_LIVE_UNITS + ATTENTION_EXTRA_UNITS[run.attention])
-    blocks = units * unit
-    if ranks > 1:
-        gather = SP_GATHER_FULL_UNITS * cfg_batch * L * d["D"] * a + SP_GATHER_LOCAL_UNITS * unit
-        blocks = max(blocks, gather)
-    activations = (blocks + 2 * L * d["head_dim"] * a
-                   + CONTEXT_COPIES * cfg_batch * (CLIP_TOKENS + LLM_TOKENS) * d["D"] * a)
+    context = cfg_batch * (CLIP_TOKENS + LLM_TOKENS) * d["D"] * a     # one copy of the projected text context
+    peak = units * unit + CONTEXT_COPIES * context                     # inside a block
+    if ranks > 1:  # after the last block: the gather, beside the projected context only
+        gather = SP_GATHER_FULL_UNITS * cfg_batch * L * d["D"] * a + SP_GATHER_LOCAL_UNITS * unit + context
+        peak = max(peak, gather)
+    activations = peak + 2 * L * d["head_dim"] * a                    # + the RoPE tables, alive throughout
     workspace = 2 * parameter_counts(config)["largest_linear"] * a if fp8 else 0
     items = {"non_block_weights": sizes["non_block"], "resident_blocks": resident * sizes["block"],
              "stream_slots": slots * sizes["block"], "activations": int(activations), "workspace": workspace}

@@ -87,14 +87,24 @@ class ParallelContext:
         return heads_to_sequence(out, sizes, self.sp_group)
 
     def gather_tokens(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
-        """[B, tokens, D] on every rank from each rank's [B, L_r, D] slice."""
+        """[B, tokens, D] on every rank from each rank's [B, L_r, D] slice.
+
+        One gather into a single buffer (a list of outputs would make the backend stage a flat copy
+        of it too), then one concatenation in token order: two full-sequence copies at the peak
+        beside the slice (``offload.planner``'s ``SP_GATHER_*``).
+        """
         sizes = token_split(tokens, self.layout.sp)
         longest = max(sizes)
-        padded = x.new_zeros((x.shape[0], longest) + tuple(x.shape[2:]))
-        padded[:, :x.shape[1]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous(), group=self.sp_group)
-        return torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1)
+        if x.shape[1] == longest:
+            send = x.contiguous()
+        else:  # an uneven split: the shorter slices travel padded to the longest
+            send = x.new_zeros((x.shape[0], longest) + tuple(x.shape[2:]))
+            send[:, :x.shape[1]] = x
+        gathered = x.new_empty((len(sizes) * send.shape[0],) + tuple(send.shape[1:]))  # ranks stacked on dim 0
+        _gather_into(gathered, send, group=self.sp_group)
+        parts = gathered.view((len(sizes),) + tuple(send.shape))
+        del send
+        return torch.cat([parts[r, :, :size] for r, size in enumerate(sizes)], dim=1)
 
     # ------------------------------------------------------------------ CFG
     def gather_branches(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +128,10 @@ class ParallelContext:
         holder = [tensors if self.rank == src else None]
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
+
+
+# torch >= 2.10 names the one-buffer gather all_gather_single (all_gather_into_tensor is deprecated there)
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def sequence_to_heads(tensors: list, sizes: Sequence[int], group) -> list[torch.Tensor]:

@@ -86,8 +86,8 @@ def planned_activations(dtype_name, sequence_parallel=1, cfg_batch=2):
 @pytest.mark.parametrize("mode, world", [("ulysses", 2), ("ulysses", 4), ("cfg", 2)])
 def test_a_rank_allocates_no_more_than_its_plan(mode, world, dtype_name):
     """The planner's per-rank activations (its share of the tokens; one branch on a CFG rank) cover what
-    each rank's forward allocates, and by at most 30 % more: the estimate counts the gather after the last
-    block at its worst (the gloo collective sometimes keeps a buffer a moment longer, sometimes not)."""
+    each rank's forward allocates, and by at most 30 % more (measured: 2-23 %; the most at 4 ranks, where
+    the estimate's text-context copies weigh most at these tiny sizes)."""
     sequence_parallel, cfg_batch = (world, 2) if mode == "ulysses" else (1, 1)
     planned = planned_activations(dtype_name, sequence_parallel, cfg_batch)
     for peak in rank_peaks(mode, world, dtype_name):
@@ -96,9 +96,9 @@ def test_a_rank_allocates_no_more_than_its_plan(mode, world, dtype_name):
 
 def test_sequence_parallel_ranks_hold_a_share_of_the_activations():
     """Two Ulysses ranks each allocate at most 60 % of what one process does (bf16; measured: 52 %), four
-    at most 40 % (measured: 29-36 %, the latter with the gather's worst case): the exchange drops each local q, k, v
-    once copied and assembles its result in its send buffer, and the full sequence leaves before the first
-    block."""
+    at most 40 % (measured: 29 %): the exchange drops each local q, k, v once copied and assembles its result
+    in its send buffer, the full sequence leaves before the first block, and the final gather goes into one
+    buffer."""
     one = rank_peaks("ulysses", 1, "bfloat16")[0]
     assert max(rank_peaks("ulysses", 2, "bfloat16")) <= 0.6 * one
     assert max(rank_peaks("ulysses", 4, "bfloat16")) <= 0.4 * one
