@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.op_count import OpCounter  # noqa: E402
 from stepvideo_core import build_transformer, fp8  # noqa: E402
 from stepvideo_core.cli import smoke_inputs  # noqa: E402
 from stepvideo_core.tiny import random_state_dict  # noqa: E402
@@ -81,27 +81,10 @@ def one_pass_everywhere():
         fp8._quantize_in_chunks = saved
 
 
-class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten operations run (each one kernel launch on a GPU), views and metadata ops excluded."""
-
-    SKIP = ("view", "_unsafe_view", "reshape", "t", "transpose", "slice", "expand", "detach", "alias",
-            "as_strided", "unsqueeze", "squeeze", "permute", "select", "empty", "empty_like", "empty_strided")
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.SKIP:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_per_call(layer, x):
-    with torch.no_grad(), CountOps() as count:
+    with torch.no_grad(), OpCounter() as count:
         layer(x)
-    return sum(count.ops.values()), count.ops
+    return count.total, count.ops
 
 
 def rel(a, b):

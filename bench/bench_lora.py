@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.op_count import OpCounter  # noqa: E402
 from stepvideo_core import fp8, ops  # noqa: E402
 from stepvideo_core.dit.blocks import StepVideoBlock  # noqa: E402
 from stepvideo_core.dit.rope import rope_tables  # noqa: E402
@@ -131,27 +132,10 @@ def lora_flops(adapter, tokens, context_tokens):
     return total
 
 
-class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """aten operations run (each one kernel launch on a GPU); views and allocations left out."""
-
-    SKIP = {"view", "_unsafe_view", "reshape", "t", "transpose", "slice", "expand", "detach", "alias",
-            "as_strided", "unsqueeze", "squeeze", "permute", "select", "empty", "empty_like", "empty_strided",
-            "split", "split_with_sizes", "unflatten", "chunk"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in self.SKIP:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_of(forward) -> int:
-    with CountOps() as counter:
+    with OpCounter() as counter:
         forward()
-    return counter.count
+    return counter.total
 
 
 def profile_extra(forward, label):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.op_count import OpCounter
 from stepvideo_core import fp8
 from tests.capabilities import needs_cpu_fp8_matmul
 
@@ -94,29 +95,12 @@ def test_the_one_pass_is_one_reduction_one_division_and_no_full_size_temporary()
             return result
 
     out, scales = torch.empty(x.shape, dtype=fp8.FP8), torch.empty(64, 1)
-    with Ops() as count:
+    with OpCounter() as count:
         fp8._quantize_in_one_pass(x, out, scales)
     assert count.ops == Counter({"linalg_vector_norm": 1, "div": 2, "clamp_min_": 1}), count.ops
     with Allocations():
         fp8._quantize_in_one_pass(x, out, scales)
     assert big == []
-
-
-class Ops(TorchDispatchMode):
-    """The aten operations run (views and allocations left out): one kernel each on a GPU."""
-
-    SKIP = {"view", "_unsafe_view", "reshape", "t", "transpose", "slice", "expand", "detach", "alias",
-            "as_strided", "unsqueeze", "squeeze", "empty", "empty_like", "empty_strided", "select"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.SKIP:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def fp8_layer(mode):
@@ -134,14 +118,14 @@ def test_an_fp8_matmul_call_is_the_quantisation_and_the_gemm(monkeypatch):
     x = torch.randn(2, 64, 256).bfloat16()
     with torch.no_grad():
         want = layer(x)  # (the kernel probe runs on the first call)
-        with Ops() as count:
+        with OpCounter() as count:
             got = layer(x)
     assert torch.equal(got, want)
     # the CPU path: peaks in bf16, one fp32 copy divided in place, cast into the output; then the GEMM
     assert count.ops == Counter({"abs": 1, "amax": 1, "_to_copy": 2, "div": 1, "clamp_min": 1, "div_": 1,
                                  "copy_": 2, "_scaled_mm": 1}), count.ops
     monkeypatch.setattr(fp8, "_quantize_in_chunks", fp8._quantize_in_one_pass)  # what a GPU runs
-    with torch.no_grad(), Ops() as count:
+    with torch.no_grad(), OpCounter() as count:
         again = layer(x)
     assert torch.equal(again, want)
     assert count.ops == Counter({"linalg_vector_norm": 1, "div": 2, "clamp_min_": 1, "_scaled_mm": 1}), count.ops
@@ -154,7 +138,7 @@ def test_an_fp8_matmul_call_is_the_quantisation_and_the_gemm(monkeypatch):
 def test_a_dequantise_call_makes_one_full_size_weight_and_the_same_bits():
     layer = fp8_layer("dequantize")
     x = torch.randn(3, 256)
-    with torch.no_grad(), Ops() as count:
+    with torch.no_grad(), OpCounter() as count:
         got = layer(x)
     assert count.ops == Counter({"_to_copy": 1, "mul_": 1, "mm": 1}), count.ops  # the cast weight, scaled in place
     weight = layer.weight.to(torch.float32) * layer.scale_weight.reshape(-1, 1)  # the previous two-tensor form

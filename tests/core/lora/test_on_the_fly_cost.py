@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.op_count import OpCounter
 from stepvideo_core.lora import LoraEntry, attached, load_lora
 from stepvideo_core.lora import apply as lora_apply
 from stepvideo_core.tiny import write_tiny_lora
@@ -24,28 +24,10 @@ from tests.core.lora.conftest import expected_state, run
 from tests.core.sampling.conftest import tiny_model
 
 
-class Ops(TorchDispatchMode):
-    """aten operations run: each a kernel launch on a GPU (views left out)."""
-
-    VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "slice", "expand", "detach", "alias",
-             "as_strided", "unsqueeze", "squeeze", "permute", "select", "unflatten", "split", "split_with_sizes",
-             "chunk", "empty", "empty_like", "empty_strided"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.VIEWS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def counted(model, inputs) -> Counter:
     with torch.inference_mode():
         model(**inputs)  # first use: adapters copied and stacked
-        with Ops() as count:
+        with OpCounter() as count:
             model(**inputs)
     return count.ops
 
