@@ -4,7 +4,6 @@ loads, bad settings are refused, TI2V runs with the cache, the old ``--cache DIR
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
@@ -12,16 +11,7 @@ import pytest
 from stepvideo_core.cli import main
 from stepvideo_core.sampling.cache import load_calibrations
 from stepvideo_core.tiny import write_tiny_image
-
-
-def run_cli(argv):
-    """(exit code, stdout, stderr) of one ``python -m stepvideo_core`` call."""
-    with pytest.MonkeyPatch.context() as mp:
-        stdout, stderr = io.StringIO(), io.StringIO()
-        mp.setattr("sys.stdout", stdout)
-        mp.setattr("sys.stderr", stderr)
-        code = main(argv)
-    return code, stdout.getvalue(), stderr.getvalue()
+from tests.core.cli_run import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,17 @@ image condition, and the refusals made from the file headers before any weight i
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 
 from stepvideo_core import image_condition, image_from_file
-from stepvideo_core.cli import main
 from stepvideo_core.condition import image_noise_generator
 from stepvideo_core.pipeline import OFFICIAL_NEGATIVE, ModelFiles, StepVideoPipeline, VideoRequest
 from stepvideo_core.text.encoder import TI2V_MAGIC, TI2V_NEGATIVE_PROMPT
 from stepvideo_core.tiny import TI2V_TRANSFORMER_DIR, tiny_ti2v_transformer, write_tiny_image
 from stepvideo_core.video_io import read_video_info
-
-
-def run_cli(argv):
-    """(exit code, stdout, stderr) of one ``python -m stepvideo_core`` call."""
-    with pytest.MonkeyPatch.context() as mp:
-        stdout, stderr = io.StringIO(), io.StringIO()
-        mp.setattr("sys.stdout", stdout)
-        mp.setattr("sys.stderr", stderr)
-        code = main(argv)
-    return code, stdout.getvalue(), stderr.getvalue()
+from tests.core.cli_run import run_cli
 
 
 @pytest.fixture(scope="module")
