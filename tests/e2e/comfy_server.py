@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -252,3 +253,16 @@ class ComfyServer:
                 break
             time.sleep(0.25)
         return result
+
+
+def at_first_progress(node: str, action):
+    """(``on_message`` for :meth:`ComfyServer.run`, Event): calls ``action(result)`` once, on the first
+    progress message of ``node`` (e.g. to interrupt or kill mid-run), and sets the Event then."""
+    done = threading.Event()
+
+    def on_message(kind, data, result):
+        if kind == "progress" and data.get("node") == node and not done.is_set():
+            done.set()
+            action(result)
+
+    return on_message, done

@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import skip_or_fail
-from tests.e2e.comfy_server import REPO_ROOT
+from tests.e2e.comfy_server import REPO_ROOT, at_first_progress
 
 API_WORKFLOWS = sorted((REPO_ROOT / "workflows" / "api").glob("*.json"))
 TINY = dict(width=64, height=48, frames=17, steps=2)  # 3 latent frames x 3 x 4 tokens
@@ -169,14 +168,12 @@ def test_interrupt_mid_sampling_then_the_next_run_succeeds(comfy_server):
     workflow = load_api(API_WORKFLOWS[0])
     long_run = tiny(workflow, width=256, height=256, frames=34, steps=1000, seed=11)
     sampler = node_id(long_run, SAMPLER)
-    sent = threading.Event()
 
-    def interrupt_on_first_step(kind, data, result):
-        if kind == "progress" and data.get("node") == sampler and not sent.is_set():
-            sent.set()
-            status, _ = comfy_server.post("/interrupt", {"prompt_id": result.prompt_id})
-            assert status == 200
+    def interrupt(result):
+        status, _ = comfy_server.post("/interrupt", {"prompt_id": result.prompt_id})
+        assert status == 200
 
+    interrupt_on_first_step, sent = at_first_progress(sampler, interrupt)
     result = comfy_server.run(long_run, timeout=600, on_message=interrupt_on_first_step)
     assert sent.is_set(), "the sampler never reported progress"
     assert result.of_type("execution_interrupted"), result.messages[-5:]

@@ -12,11 +12,11 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 
 import torch
 
+from tests.e2e.comfy_server import at_first_progress
 from tests.e2e.test_comfyui_server import API_WORKFLOWS, SAMPLER, load_api, node_id, tiny
 
 T2V = next(p for p in API_WORKFLOWS if p.stem == "stepvideo_t2v")
@@ -97,14 +97,12 @@ def test_interrupt_reaches_the_worker_which_waits_for_the_next_run(comfy_server)
     prompt = graph(2, "long", width=256, height=256, frames=34, steps=1000, seed=12)
     pid = worker_pid(first, prompt)
     sampler = node_id(prompt, SAMPLER)
-    sent = threading.Event()
 
-    def interrupt_on_first_step(kind, data, result):
-        if kind == "progress" and data.get("node") == sampler and not sent.is_set():
-            sent.set()
-            status, _ = comfy_server.post("/interrupt", {"prompt_id": result.prompt_id})
-            assert status == 200
+    def interrupt(result):
+        status, _ = comfy_server.post("/interrupt", {"prompt_id": result.prompt_id})
+        assert status == 200
 
+    interrupt_on_first_step, sent = at_first_progress(sampler, interrupt)
     result = comfy_server.run(prompt, timeout=600, on_message=interrupt_on_first_step)
     assert sent.is_set(), "the sampler never reported progress"
     assert result.of_type("execution_interrupted"), result.messages[-5:]
@@ -121,13 +119,7 @@ def test_a_killed_worker_fails_the_run_clearly_then_the_next_run_starts_a_new_on
     prompt = graph(2, "killed", width=256, height=256, frames=34, steps=1000, seed=22)
     pid = worker_pid(first, prompt)
     sampler = node_id(prompt, SAMPLER)
-    killed = threading.Event()
-
-    def kill_on_first_step(kind, data, result):
-        if kind == "progress" and data.get("node") == sampler and not killed.is_set():
-            killed.set()
-            os.kill(pid, signal.SIGKILL)
-
+    kill_on_first_step, killed = at_first_progress(sampler, lambda result: os.kill(pid, signal.SIGKILL))
     result = comfy_server.run(prompt, timeout=600, on_message=kill_on_first_step)
     assert killed.is_set(), "the sampler never reported progress"
     assert result.status == "error"
