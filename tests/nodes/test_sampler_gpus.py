@@ -22,20 +22,10 @@ SIZE = dict(width=32, height=48, frames=17)
 
 
 @pytest.fixture
-def node_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.sampler"]
-
-
-@pytest.fixture
 def multi(pack, bridge):
     module = sys.modules[f"{pack.__name__}.nodes.multi_gpu"]
     yield module
     module.release("end of test")
-
-
-@pytest.fixture
-def types_mod(pack):
-    return sys.modules[f"{pack.__name__}.nodes.types"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +44,10 @@ def loaded(pack, types_mod, source, **kw):
     return types_mod.StepVideoModelHandle(**base)
 
 
-def run(node_mod, model, **kw):
+def run(sampler_mod, model, **kw):
     args = dict(preset="Step-Video-T2V-Turbo", **SIZE, steps=2, cfg=0.0, shift=0.0, seed=3)
     args.update(kw)
-    out = node_mod.StepVideoSampler().sample(model=model, positive=conditioning(1), negative=conditioning(2), **args)
+    out = sampler_mod.StepVideoSampler().sample(model=model, positive=conditioning(1), negative=conditioning(2), **args)
     (latent,) = out["result"]
     return latent["samples"], out["ui"]["text"][0]
 
@@ -75,14 +65,14 @@ def test_gpus_and_parallel_are_optional_inputs(pack):
     assert choices == ["auto", "ulysses", "cfg"] and options["default"] == "auto"
 
 
-def test_more_gpus_than_cuda_shows_are_refused_before_anything_starts(node_mod, multi, types_mod, pack, dit_dir,
+def test_more_gpus_than_cuda_shows_are_refused_before_anything_starts(sampler_mod, multi, types_mod, pack, dit_dir,
                                                                       monkeypatch):
     cuda = loaded(pack, types_mod, dit_dir, device=torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(ValueError, match=r"StepVideo Sampler: gpus is 4 but 2 CUDA GPUs are visible to ComfyUI "
                                          r"\(CUDA_VISIBLE_DEVICES=0,1; .*\); set gpus to 2 or fewer"):
-        run(node_mod, cuda, gpus=4)
+        run(sampler_mod, cuda, gpus=4)
     assert multi.active_pool() is None
     assert [str(d) for d in multi.devices_for(types.SimpleNamespace(device=torch.device("cuda", 1)), 2)] == \
         ["cuda:1", "cuda:0"]  # ComfyUI's GPU is rank 0, the workers take the others
@@ -96,30 +86,30 @@ def test_more_gpus_than_cuda_shows_are_refused_before_anything_starts(node_mod, 
     (dict(gpus=2, parallel="cfg", cfg=1.0), r"CFG parallel needs guidance"),
     (dict(gpus=3, parallel="cfg", cfg=5.0), r"needs an even number of processes, got 3"),
 ])
-def test_layouts_that_cannot_run_are_refused_before_anything_starts(node_mod, multi, types_mod, pack, dit_dir, kw,
+def test_layouts_that_cannot_run_are_refused_before_anything_starts(sampler_mod, multi, types_mod, pack, dit_dir, kw,
                                                                     message):
     parallel = sys.modules[f"{pack.__name__}.stepvideo_core.parallel"]
     with pytest.raises(parallel.ParallelConfigError, match="StepVideo Sampler: " + message if "gpus 3, p" in message
                        else message):
-        run(node_mod, loaded(pack, types_mod, dit_dir), **kw)
+        run(sampler_mod, loaded(pack, types_mod, dit_dir), **kw)
     assert multi.active_pool() is None
 
 
-def test_gpus_2_on_the_cpu_gives_the_latents_of_one_process_and_keeps_the_workers(node_mod, multi, types_mod, pack,
+def test_gpus_2_on_the_cpu_gives_the_latents_of_one_process_and_keeps_the_workers(sampler_mod, multi, types_mod, pack,
                                                                                   dit_dir):
     model = loaded(pack, types_mod, dit_dir)
-    one, _ = run(node_mod, model, cfg=5.0)
-    two, text = run(node_mod, model, cfg=5.0, gpus=2)
+    one, _ = run(sampler_mod, model, cfg=5.0)
+    two, text = run(sampler_mod, model, cfg=5.0, gpus=2)
     assert rel(two, one) <= 1e-5
     pool = multi.active_pool()
     pids = dict(pool.pids)
     assert f"workers: rank 1 pid {pids[1]} on cpu" in text and "CFG parallel" in text
-    again, text = run(node_mod, model, cfg=5.0, gpus=2, parallel="ulysses")
+    again, text = run(sampler_mod, model, cfg=5.0, gpus=2, parallel="ulysses")
     assert rel(again, one) <= 1e-5 and "Ulysses sequence parallel over 2 ranks" in text
     assert multi.active_pool() is pool and pool.pids == pids  # loaded once, kept between runs
 
     other = loaded(pack, types_mod, dit_dir)  # another model: its own workers, the old ones stopped
-    run(node_mod, other, gpus=2)
+    run(sampler_mod, other, gpus=2)
     assert multi.active_pool() is not pool and pool.closed
     procs = [w.process for w in multi.active_pool()._workers]
     del other
@@ -131,7 +121,7 @@ def test_gpus_2_on_the_cpu_gives_the_latents_of_one_process_and_keeps_the_worker
     assert [p.exitcode for p in procs] == [0]  # asked to stop, not killed
 
 
-def test_a_comfyui_interrupt_stops_every_rank_and_the_workers_wait_for_the_next_run(node_mod, multi, types_mod, pack,
+def test_a_comfyui_interrupt_stops_every_rank_and_the_workers_wait_for_the_next_run(sampler_mod, multi, types_mod, pack,
                                                                                     dit_dir, bridge, monkeypatch):
     """ComfyUI's progress bar raises its InterruptProcessingException (and clears the flag) on the update
     after an interrupt: rank 0 must not leave the ranks' lock-step for it, but stop with them."""
@@ -161,21 +151,21 @@ def test_a_comfyui_interrupt_stops_every_rank_and_the_workers_wait_for_the_next_
                                processing_interrupted=lambda: state["flag"],
                                throw_exception_if_processing_interrupted=throw, soft_empty_cache=lambda: None)
     model = loaded(pack, types_mod, dit_dir)
-    run(node_mod, model, gpus=2)
+    run(sampler_mod, model, gpus=2)
     pool = multi.active_pool()
     pids = dict(pool.pids)
     monkeypatch.setitem(bridge._MODULES, "comfy.utils", types.SimpleNamespace(ProgressBar=ProgressBar))
     monkeypatch.setitem(bridge._MODULES, "comfy.model_management", mm)
     monkeypatch.setattr(bridge, "cuda_api", lambda: None)
     with pytest.raises(InterruptProcessingException):
-        run(node_mod, model, gpus=2, steps=20)
+        run(sampler_mod, model, gpus=2, steps=20)
     assert state["updates"] == 1
     assert pool.last_replies == {1: "interrupted"} and pool.healthy() and pool.pids == pids
     monkeypatch.setitem(bridge._MODULES, "comfy.utils", None)
     monkeypatch.setitem(bridge._MODULES, "comfy.model_management", None)
-    after, _ = run(node_mod, model, gpus=2)
+    after, _ = run(sampler_mod, model, gpus=2)
     assert multi.active_pool() is pool and pool.pids == pids
-    one, _ = run(node_mod, model)
+    one, _ = run(sampler_mod, model)
     assert rel(after, one) <= 1e-5
 
 
@@ -184,7 +174,7 @@ class _Planned(Exception):
 
 
 @pytest.mark.parametrize("parallel, layout", [("ulysses", (2, 2, 1)), ("cfg", (2, 1, 2))])
-def test_the_run_is_planned_per_rank_of_the_workers_layout(node_mod, multi, types_mod, pack, dit_dir, monkeypatch,
+def test_the_run_is_planned_per_rank_of_the_workers_layout(sampler_mod, multi, types_mod, pack, dit_dir, monkeypatch,
                                                            parallel, layout):
     """With gpus > 1 each GPU holds a share of the run: the node plans with the workers' layout (a rank's
     tokens, one branch on a CFG rank); with one GPU there is no layout."""
@@ -194,17 +184,17 @@ def test_the_run_is_planned_per_rank_of_the_workers_layout(node_mod, multi, type
         seen.append(kwargs.get("layout"))
         raise _Planned
 
-    monkeypatch.setattr(node_mod, "plan_and_sample", spy)
+    monkeypatch.setattr(sampler_mod, "plan_and_sample", spy)
     model = loaded(pack, types_mod, dit_dir)
     for gpus in (1, 2):
         with pytest.raises(_Planned):
-            run(node_mod, model, cfg=5.0, gpus=gpus, parallel=parallel)
+            run(sampler_mod, model, cfg=5.0, gpus=gpus, parallel=parallel)
     assert seen[0] is None
     assert (seen[1].world, seen[1].sp, seen[1].cfg) == layout
     assert multi.active_pool() is None  # planning starts no worker
 
 
-def test_the_vae_decode_is_shared_with_running_gpu_workers(node_mod, multi, types_mod, pack, dit_dir, models_dir,
+def test_the_vae_decode_is_shared_with_running_gpu_workers(sampler_mod, multi, types_mod, pack, dit_dir, models_dir,
                                                            bridge, monkeypatch):
     """With the sampler's workers up, StepVideo VAE Decode gives each rank a share of the 17-frame chunks
     (this process decodes 1 of 2, a worker loads the VAE from its file and decodes the other): the frames
@@ -229,7 +219,7 @@ def test_the_vae_decode_is_shared_with_running_gpu_workers(node_mod, multi, type
     (alone,) = decode(vae=vae, samples=samples)
     assert chunks == [(1, 2), (2, 2)] and multi.active_pool() is None  # no workers: this process alone
     model = loaded(pack, types_mod, dit_dir)  # kept: freeing the model stops its workers
-    run(node_mod, model, cfg=5.0, gpus=2)     # the sampler starts 1 worker
+    run(sampler_mod, model, cfg=5.0, gpus=2)     # the sampler starts 1 worker
     pool = multi.active_pool()
     chunks.clear()
     (shared,) = decode(vae=vae, samples=samples)

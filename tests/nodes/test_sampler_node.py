@@ -16,16 +16,6 @@ from tests.core.sampling.conftest import conditioning, tiny_model
 SIZE = dict(width=32, height=48, frames=17)
 
 
-@pytest.fixture
-def node_mod(pack, bridge):
-    return sys.modules[f"{pack.__name__}.nodes.sampler"]
-
-
-@pytest.fixture
-def types_mod(pack):
-    return sys.modules[f"{pack.__name__}.nodes.types"]
-
-
 @pytest.fixture(scope="module")
 def dit():
     return tiny_model(torch.float32)
@@ -38,10 +28,10 @@ def handle(types_mod, dit, **kw):
     return types_mod.StepVideoModelHandle(**base)
 
 
-def run(node_mod, model, pos, neg, **kw):
+def run(sampler_mod, model, pos, neg, **kw):
     args = dict(preset="Step-Video-T2V-Turbo", **SIZE, steps=2, cfg=0.0, shift=0.0, seed=3)
     args.update(kw)
-    out = node_mod.StepVideoSampler().sample(model=model, positive=pos, negative=neg, **args)
+    out = sampler_mod.StepVideoSampler().sample(model=model, positive=pos, negative=neg, **args)
     (latent,) = out["result"]
     return latent, out["ui"]["text"][0]
 
@@ -53,33 +43,33 @@ def test_registered(pack):
     assert inputs["frames"][1]["step"] == 17 and inputs["width"][1]["step"] == 16
 
 
-def test_latent_is_comfy_shaped_and_equals_the_core_sampler(node_mod, types_mod, dit):
+def test_latent_is_comfy_shaped_and_equals_the_core_sampler(sampler_mod, types_mod, dit):
     pos, neg = conditioning(1), conditioning(2)
-    latent, text = run(node_mod, handle(types_mod, dit), pos, neg)
+    latent, text = run(sampler_mod, handle(types_mod, dit), pos, neg)
     core = sample(dit, pos, neg, settings=SamplingSettings(**SIZE, steps=2, cfg=5.0, shift=17.0, seed=3))  # Turbo
     assert set(latent) == {"samples"} and latent["samples"].shape == (1, 64, 3, 3, 2)  # [B, C, F, h, w]
     assert torch.equal(latent["samples"], core.transpose(1, 2))
     assert "2 steps, cfg 5, shift 17, seed 3" in text and "all 2 blocks in RAM" in text
 
 
-def test_text_family_dataclass_is_accepted(node_mod, types_mod, dit):
+def test_text_family_dataclass_is_accepted(sampler_mod, types_mod, dit):
     pos, neg = conditioning(1), conditioning(2)
     as_objects = [types_mod.StepVideoConditioning(c["encoder_hidden_states"], c["encoder_hidden_states_2"],
                                                   c["encoder_attention_mask"].long(), c["prompt"]) for c in (pos, neg)]
-    a, _ = run(node_mod, handle(types_mod, dit), *as_objects)
-    b, _ = run(node_mod, handle(types_mod, dit), pos, neg)
+    a, _ = run(sampler_mod, handle(types_mod, dit), *as_objects)
+    b, _ = run(sampler_mod, handle(types_mod, dit), pos, neg)
     assert torch.equal(a["samples"], b["samples"])  # int64 mask from the text encoder, cast like the official
     with pytest.raises(TypeError, match="STEPVIDEO_CONDITIONING"):
-        run(node_mod, handle(types_mod, dit), "a prompt", neg)
+        run(sampler_mod, handle(types_mod, dit), "a prompt", neg)
 
 
-def test_settings_from_preset_with_overrides(node_mod):
-    assert node_mod.settings("Step-Video-T2V", 0, 0.0, 0.0) == {"steps": 50, "cfg": 9.0, "shift": 13.0}
-    assert node_mod.settings("Step-Video-T2V", 30, 1.0, 0.0) == {"steps": 30, "cfg": 1.0, "shift": 13.0}
+def test_settings_from_preset_with_overrides(sampler_mod):
+    assert sampler_mod.settings("Step-Video-T2V", 0, 0.0, 0.0) == {"steps": 50, "cfg": 9.0, "shift": 13.0}
+    assert sampler_mod.settings("Step-Video-T2V", 30, 1.0, 0.0) == {"steps": 30, "cfg": 1.0, "shift": 13.0}
 
 
-def test_no_guidance_ignores_the_negative(node_mod, types_mod, dit):
-    latent, text = run(node_mod, handle(types_mod, dit), conditioning(1), None, cfg=1.0)
+def test_no_guidance_ignores_the_negative(sampler_mod, types_mod, dit):
+    latent, text = run(sampler_mod, handle(types_mod, dit), conditioning(1), None, cfg=1.0)
     assert "cfg 1" in text and latent["samples"].shape == (1, 64, 3, 3, 2)
 
 
@@ -99,42 +89,42 @@ def fake_progress(monkeypatch, bridge, on_update=None):
     return calls
 
 
-def test_progress_and_previews_every_step(node_mod, types_mod, dit, bridge, monkeypatch):
+def test_progress_and_previews_every_step(sampler_mod, types_mod, dit, bridge, monkeypatch):
     calls = fake_progress(monkeypatch, bridge)
-    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=3, preview_vae=vae_handle(types_mod))
+    run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=3, preview_vae=vae_handle(types_mod))
     assert [(v, t) for v, t, _ in calls] == [(1, 3), (2, 3), (3, 3)]
     for _, _, (kind, image, size) in calls:
         assert kind == "JPEG" and image.mode == "RGB" and size == 512
         assert image.size == (2 * 85, 3 * 85)  # latent 3x2 cells enlarged to about 256 px
 
 
-def test_without_a_preview_vae_progress_comes_without_preview_images(node_mod, types_mod, dit, bridge, monkeypatch):
+def test_without_a_preview_vae_progress_comes_without_preview_images(sampler_mod, types_mod, dit, bridge, monkeypatch):
     """The pack ships no latent->RGB factors (only a fit for the user's VAE means anything): no grey stand-in."""
     calls = fake_progress(monkeypatch, bridge)
-    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2)
+    run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2)
     assert calls == [(1, 2, None), (2, 2, None)]
-    assert node_mod.preview_factors(None) is None
+    assert sampler_mod.preview_factors(None) is None
 
 
-def test_interrupt_stops_between_blocks_and_restores_the_model(node_mod, types_mod, dit, bridge, monkeypatch):
+def test_interrupt_stops_between_blocks_and_restores_the_model(sampler_mod, types_mod, dit, bridge, monkeypatch):
     fake_progress(monkeypatch, bridge, on_update=lambda step: bridge.request_interrupt())
     empties = []
     monkeypatch.setattr(bridge, "empty_cache", lambda: empties.append(1))
     ptrs = {n: p.data_ptr() for n, p in dit.named_parameters()}
     with pytest.raises(bridge.StepVideoInterrupted):
-        run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=3)
+        run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=3)
     assert not bridge.interrupt_requested()  # consumed
     assert empties == [1]
     assert {n: p.data_ptr() for n, p in dit.named_parameters()} == ptrs
     assert not dit._forward_pre_hooks and not any(b._forward_pre_hooks for b in dit.transformer_blocks)
 
 
-def test_size_errors_name_the_nearest_valid_values(node_mod, types_mod, dit):
+def test_size_errors_name_the_nearest_valid_values(sampler_mod, types_mod, dit):
     with pytest.raises(ValueError, match="nearest valid: 528 or 544"):
-        run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), height=540, width=992)
+        run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), height=540, width=992)
 
 
-def test_gpu_plan_frees_memory_first_then_fits_the_free_vram(pack, node_mod, types_mod, bridge, monkeypatch):
+def test_gpu_plan_frees_memory_first_then_fits_the_free_vram(pack, sampler_mod, types_mod, bridge, monkeypatch):
     """The planning path of a CUDA handle (only bookkeeping runs: the bridge is faked)."""
     core = sys.modules[f"{pack.__name__}.stepvideo_core.sampling.run"]
     big = build_meta_30b()
@@ -143,8 +133,8 @@ def test_gpu_plan_frees_memory_first_then_fits_the_free_vram(pack, node_mod, typ
     monkeypatch.setattr(bridge, "free_vram", lambda device=None: 24 * 1024 ** 3)
     def plan(model, frames):  # the node's plan: its DiT setup, ComfyUI making room (guided, 992x544)
         video = core.SamplingSettings(992, 544, frames, steps=50, cfg=9.0, shift=13.0)
-        return core.plan_run(model.config, node_mod.dit_setup(model), video, device=model.device,
-                        make_room=node_mod.make_room(model))
+        return core.plan_run(model.config, sampler_mod.dit_setup(model), video, device=model.device,
+                        make_room=sampler_mod.make_room(model))
 
     cuda = handle(types_mod, big, dtype=torch.bfloat16, device=torch.device("cuda", 0), weight_format="fp8_scaled")
     planned = plan(cuda, 204)
@@ -200,22 +190,22 @@ def vae_handle(types_mod, vae=None):
                                         source=Path("tiny-vae"))
 
 
-def test_preview_vae_colours_previews_and_is_fitted_once(node_mod, types_mod, dit, bridge, monkeypatch):
+def test_preview_vae_colours_previews_and_is_fitted_once(sampler_mod, types_mod, dit, bridge, monkeypatch):
     vae = LinearVAE()
     preview_vae = vae_handle(types_mod, vae)
     calls = fake_progress(monkeypatch, bridge)
     for _ in range(2):
-        run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
+        run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
     assert vae.calls == 4                       # four synthetic clips, fitted on the first run only
     image = calls[-1][2][1]
     r, g, b = (image.getchannel(c) for c in "RGB")
     assert r.tobytes() != b.tobytes()          # coloured: the fitted map, not one channel for all three
 
 
-def test_preview_vae_for_other_latent_channels_sends_no_preview_image(node_mod, types_mod, dit, bridge, monkeypatch):
+def test_preview_vae_for_other_latent_channels_sends_no_preview_image(sampler_mod, types_mod, dit, bridge, monkeypatch):
     preview_vae = vae_handle(types_mod, LinearVAE(channels=8))
     calls = fake_progress(monkeypatch, bridge)
-    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=1, preview_vae=preview_vae)
+    run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=1, preview_vae=preview_vae)
     assert preview_vae.vae.calls == 4 and calls == [(1, 1, None)]  # fitted, but for 8 channels, not the DiT's 64
 
 
@@ -257,21 +247,21 @@ def test_previews_follow_comfyuis_preview_size(bridge, monkeypatch):
         assert bridge.preview_max_size() == 512
 
 
-def test_preview_method_none_computes_no_preview(node_mod, types_mod, dit, bridge, monkeypatch):
+def test_preview_method_none_computes_no_preview(sampler_mod, types_mod, dit, bridge, monkeypatch):
     """ComfyUI's preview method "none": progress every step, no image, and no VAE fit for one."""
     fake_preview_method(monkeypatch, bridge, "none")
     preview_vae = vae_handle(types_mod)
     calls = fake_progress(monkeypatch, bridge)
-    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
+    run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
     assert calls == [(1, 2, None), (2, 2, None)] and preview_vae.vae.calls == 0
 
 
 @pytest.mark.parametrize("method", ["auto", "latent2rgb", "taesd"])
-def test_other_preview_methods_get_the_latent2rgb_previews(node_mod, types_mod, dit, bridge, monkeypatch, method):
+def test_other_preview_methods_get_the_latent2rgb_previews(sampler_mod, types_mod, dit, bridge, monkeypatch, method):
     """auto and latent2rgb ask for latent->RGB previews; taesd has no Step-Video decoder, so it gets them too."""
     fake_preview_method(monkeypatch, bridge, method)
     preview_vae = vae_handle(types_mod)
     calls = fake_progress(monkeypatch, bridge)
-    run(node_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
+    run(sampler_mod, handle(types_mod, dit), conditioning(1), conditioning(2), steps=2, preview_vae=preview_vae)
     assert preview_vae.vae.calls == 4 and [(v, t) for v, t, _ in calls] == [(1, 2), (2, 2)]
     assert all(preview[0] == "JPEG" for _, _, preview in calls)
