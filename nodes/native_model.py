@@ -50,7 +50,7 @@ from ..stepvideo_core.dit.loader import load_transformer
 from ..stepvideo_core.dit.model import StepVideoTransformer
 from ..stepvideo_core.dtypes import DTYPE_NAMES
 from ..stepvideo_core.layers import RMSNorm, rms_norm
-from ..stepvideo_core.offload.planner import PEAK_UNITS, PlanInputs, host_activation_bytes
+from ..stepvideo_core.offload.planner import PEAK_UNITS, PlanInputs, host_activation_bytes, planned_format
 from ..stepvideo_core.sampling.noise import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 
 LATENT_CHANNELS = 64
@@ -437,7 +437,7 @@ class StepVideoBaseModel(comfy.model_base.BaseModel):
         chunks = max(1, -(-int(frames) // LATENTS_PER_CHUNK))
         cfg = self.model_config
         compute = DTYPE_NAMES.get(self.diffusion_model.compute_dtype, "bf16")
-        weight_format = "fp8_scaled" if cfg.weight_format == "fp8_scaled" else compute
+        weight_format = planned_format(cfg.weight_format, compute)
         run = PlanInputs(int(w) * SPATIAL_FACTOR, int(h) * SPATIAL_FACTOR, chunks * FRAME_CHUNK, cfg_batch=batch,
                          weight_format=weight_format, attention=self.diffusion_model.attention_backend,
                          compute_dtype=compute, config=cfg.dit_config.to_dict())

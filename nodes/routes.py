@@ -40,7 +40,7 @@ from ..stepvideo_core.flops import step_flops
 from ..stepvideo_core.dit.loader import detect_weight_format, find_transformer_files, resolve_config
 from ..stepvideo_core.dtypes import DTYPE_NAMES
 from ..stepvideo_core.offload.planner import (ATTENTION_BACKENDS, DEFAULT_CONFIG, GiB, PlanInputs, auto_plan,
-                                              human_bytes, weight_bytes)
+                                              human_bytes, planned_format, weight_bytes)
 from ..stepvideo_core.sampling import DEFAULT_PRESET, PRESETS, SizeError, check_video_size, resolve_settings
 from . import comfy_bridge as bridge
 from .model import BLOCK_CHOICES, DIT_FOLDER, WEIGHT_CHOICES, checkpoint_files, resolve_weight_choice
@@ -203,7 +203,7 @@ def build_plan(req: dict, device: dict, model: dict) -> dict:
     compute_dtype = DTYPE_NAMES[dtype]
     if fmt == "auto":
         fmt = "fp8_scaled" if model.get("stored_format") == "fp8_scaled" else "full"
-    weight_format = "fp8_scaled" if fmt == "fp8_scaled" else compute_dtype
+    weight_format = planned_format(fmt, compute_dtype)
     notes = []
     if model.get("error"):
         notes.append("model not read: planned for the 30B release")  # the reason is in model.error

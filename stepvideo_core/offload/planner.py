@@ -126,6 +126,13 @@ class PlanInputs:
     sequence_parallel: int = 1
 
 
+def planned_format(weight_format: str, compute_dtype: str) -> str:
+    """The planner's weight format for a DiT whose blocks are stored as ``weight_format`` ("full" or
+    "fp8_scaled") and compute in ``compute_dtype`` (a name, e.g. "bf16"): fp8 stays fp8, full-precision
+    weights are planned in their compute dtype (the loader casts them to it)."""
+    return "fp8_scaled" if weight_format == "fp8_scaled" else compute_dtype
+
+
 def _dims(config: Optional[dict]) -> dict:
     """Model sizes the estimate needs, from a config.json-style dict (default: the released 30B model)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))

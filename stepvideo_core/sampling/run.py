@@ -20,7 +20,7 @@ import torch
 
 from ..compile import CompiledBlocks, CompileSettings, compiled_blocks
 from ..dtypes import DTYPE_NAMES
-from ..offload.planner import PlanInputs, auto_plan, host_plan
+from ..offload.planner import PlanInputs, auto_plan, host_plan, planned_format
 from ..memory import available_host_bytes, cuda_free_vram
 from .sampler import sample
 from .settings import Placement, SamplingSettings
@@ -79,7 +79,7 @@ class DiTSetup:
         if layout is not None:
             batch, sequence_parallel = max(1, batch // layout.cfg), layout.sp
         return PlanInputs(settings.width, settings.height, settings.frames, cfg_batch=batch,
-                          weight_format="fp8_scaled" if self.weight_format == "fp8_scaled" else name,
+                          weight_format=planned_format(self.weight_format, name),
                           attention=self.attention, compute_dtype=name, config=config.to_dict(),
                           blocks_on_device=int(blocks) if blocks.isdigit() else blocks,
                           sequence_parallel=sequence_parallel)
