@@ -51,7 +51,7 @@ from ..stepvideo_core.dit.model import StepVideoTransformer
 from ..stepvideo_core.dtypes import DTYPE_NAMES
 from ..stepvideo_core.layers import RMSNorm, rms_norm
 from ..stepvideo_core.offload.planner import PEAK_UNITS, PlanInputs, host_activation_bytes, planned_format
-from ..stepvideo_core.sampling.noise import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
+from ..stepvideo_core.vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 
 LATENT_CHANNELS = 64
 DEFAULT_SHIFT = 13.0

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .checks import count_non_finite
-from .sampling.noise import FRAME_CHUNK, LATENTS_PER_CHUNK, check_video_size
+from .sampling.noise import check_video_size
+from .vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK
 
 
 class ImageConditionError(ValueError):

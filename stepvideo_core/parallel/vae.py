@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..sampling.noise import FRAME_CHUNK, LATENTS_PER_CHUNK
+from ..vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK
 from ..vae.model import blend_seam
 from .layout import token_offsets, token_split
 

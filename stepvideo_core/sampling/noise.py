@@ -13,7 +13,7 @@ from typing import Union
 
 import torch
 
-from ..vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR  # noqa: F401  (re-exported)
+from ..vae.config import FRAME_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 
 NOISE_DTYPE = torch.bfloat16  # the dtype the official pipeline's noise has (bf16)
 
