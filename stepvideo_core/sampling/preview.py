@@ -12,15 +12,12 @@ the latent grid (16x16 pixels, 17 frames -> 3 latent frames) and solving a
 ridge-regularised linear regression; :func:`fit_from_vae` does it for whichever
 VAE the user has, by encoding synthetic clips of smooth, drifting colour fields
 (the colour content a preview has to show).  Without factors there is no
-preview image (:func:`preview_frame` returns None).  A fit can be kept as JSON
-(:meth:`LatentRGB.save` / :meth:`LatentRGB.load`).
+preview image (:func:`preview_frame` returns None).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -39,16 +36,6 @@ class LatentRGB:
         x = latents.float().movedim(-3, -1)
         rgb = x @ self.weight.float().to(x.device) + self.bias.float().to(x.device)
         return ((rgb.clamp(-1, 1) + 1) / 2).cpu()
-
-    def save(self, path) -> None:
-        """Write the factors as JSON (plain lists, readable by any UI)."""
-        Path(path).write_text(json.dumps({"weight": self.weight.tolist(), "bias": self.bias.tolist()}))
-
-    @classmethod
-    def load(cls, path) -> "LatentRGB":
-        """Read factors written by :meth:`save`."""
-        data = json.loads(Path(path).read_text())
-        return cls(torch.tensor(data["weight"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32))
 
 
 def _video_on_latent_grid(video: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:

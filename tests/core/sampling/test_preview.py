@@ -26,13 +26,6 @@ def test_fit_recovers_a_linear_decoder():
     assert rgb.shape == (6, 3, 4, 3) and 0 <= float(rgb.min()) and float(rgb.max()) <= 1
 
 
-def test_factors_round_trip_as_json(tmp_path):
-    fit = LatentRGB(torch.randn(64, 3), torch.randn(3))
-    fit.save(tmp_path / "f.json")
-    back = LatentRGB.load(tmp_path / "f.json")
-    assert torch.allclose(back.weight, fit.weight) and torch.allclose(back.bias, fit.bias)
-
-
 def test_preview_frame_needs_factors_for_these_channels():
     latents = torch.randn(1, 9, 64, 5, 7, generator=torch.Generator().manual_seed(1))
     factors = LatentRGB(torch.zeros(64, 3), torch.tensor([1.0, -1.0, 0.0]))
